@@ -1,0 +1,151 @@
+"""Scalar-head models: the reward model (one score per sequence) and the value model (one per token).
+
+Both wrap a plain `AutoModelForSequenceClassification` with `num_labels=1`, the ecosystem's
+convention, so a saved reward model opens in transformers, TRL or vLLM without this code.
+We compute the scores ourselves instead of calling the HF head's forward because HF picks the
+"last non-pad token" by comparing ids with `pad_token_id`; with SmolLM2 the pad token *is* the
+end-of-turn token, so HF would silently score the token before it. The attention mask is the truth.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .device import resolve_device, resolve_dtype
+from .loading import resolve_model_path
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that ignore left padding, matching what `generate` uses."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token per row, under left or right padding. (batch,)"""
+    seq_len = attention_mask.shape[-1]
+    positions = torch.arange(seq_len, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), positions, -1).max(dim=-1).values.clamp(min=0)
+
+
+def _score_head(model: nn.Module) -> nn.Module:
+    for name in ("score", "classifier", "v_head"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    raise TypeError(f"{type(model).__name__} has no scalar head named score/classifier")
+
+
+class ScalarHeadModel(nn.Module):
+    """Backbone + linear head giving one scalar per token; subclasses choose which tokens matter."""
+
+    per_token: bool = False
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if getattr(model.config, "num_labels", 1) != 1:
+            raise ValueError(f"a scalar head needs num_labels=1, got {model.config.num_labels}")
+        self.model = model
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def token_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Scalar at every position. (batch, seq)"""
+        backbone = getattr(self.model, self.model.base_model_prefix)
+        hidden = backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        ).last_hidden_state
+        return _score_head(self.model)(hidden).squeeze(-1).float()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        scores = self.token_scores(input_ids, attention_mask)
+        if self.per_token:
+            return scores
+        return scores.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+
+    # -- persistence: plain HF directories ---------------------------------------------------
+    def save_pretrained(self, path: Union[str, os.PathLike], tokenizer=None, **kwargs) -> None:
+        self.model.save_pretrained(path, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, os.PathLike], device=None, dtype=None):
+        """Load a scalar model saved by `save_pretrained` (or any HF sequence-classification dir)."""
+        from transformers import AutoModelForSequenceClassification
+
+        device = resolve_device(device)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            Path(path), num_labels=1, dtype=resolve_dtype(device, dtype))
+        return cls(model).to(device)
+
+    @classmethod
+    def from_causal_lm(cls, base: Union[str, os.PathLike, nn.Module, None], device=None, dtype=None,
+                       head_init_std: Optional[float] = None, pad_token_id: Optional[int] = None):
+        """A fresh scalar head on the backbone of a causal LM (a loaded model, a path, or "default").
+
+        The backbone weights are copied, never shared, so training the head model leaves the
+        policy untouched. The head starts near zero so early values/rewards are small.
+        """
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        device = resolve_device(device)
+        if isinstance(base, nn.Module):
+            lm = base
+        else:
+            lm = AutoModelForCausalLM.from_pretrained(resolve_model_path(base), dtype=torch.float32)
+        config = lm.config.__class__.from_dict(lm.config.to_dict())
+        config.num_labels = 1
+        config.problem_type = "regression"
+        if pad_token_id is not None:
+            config.pad_token_id = pad_token_id
+        model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+        prefix = model.base_model_prefix
+        backbone_state = getattr(lm, prefix).state_dict()
+        getattr(model, prefix).load_state_dict(backbone_state)
+        head = _score_head(model)
+        std = head_init_std if head_init_std is not None else 1.0 / (config.hidden_size + 1) ** 0.5
+        with torch.no_grad():
+            nn.init.normal_(head.weight, std=std)
+            if getattr(head, "bias", None) is not None:
+                head.bias.zero_()
+        return cls(model).to(device=device, dtype=resolve_dtype(device, dtype))
+
+
+class RewardModel(ScalarHeadModel):
+    """Score at the last real token. (batch,)
+
+    Normalisation statistics (mean/std over a reference set) travel in config.json as
+    `reward_mean`/`reward_std`, so PPO can whiten rewards with the numbers the trainer measured.
+    """
+
+    per_token = False
+
+    @property
+    def reward_stats(self) -> Optional[tuple]:
+        mean, std = getattr(self.config, "reward_mean", None), getattr(self.config, "reward_std", None)
+        return None if mean is None or std is None else (float(mean), float(std))
+
+    def set_reward_stats(self, mean: float, std: float) -> None:
+        self.config.reward_mean = float(mean)
+        self.config.reward_std = float(std)
+
+
+class ValueModel(ScalarHeadModel):
+    """Value estimate at every token. (batch, seq)"""
+
+    per_token = True

@@ -1,0 +1,1 @@
+"""Constitutional-AI safety training toolkit."""

@@ -1,0 +1,234 @@
+"""The toolkit's one generation path: batched, KV-cached, left-padded, chat-templated.
+
+Every stage (critique/revision, preference sampling, PPO rollouts, evaluation) calls `generate`.
+It returns token ids and masks as well as text, so RL code never re-tokenises decoded text
+(re-tokenising is lossy and would score different tokens from the ones sampled).
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Union
+
+import torch
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+Message = dict
+Prompt = Union[str, Sequence[Message]]
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    do_sample: bool = True
+    batch_size: int = 16
+    max_prompt_tokens: int = 512
+    truncate_prompts: bool = True  # False: over-long prompts raise instead of losing their start
+    system_prompt: Optional[str] = None
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"GenerationConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError(f"GenerationConfig.temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"GenerationConfig.top_p must be in (0, 1], got {self.top_p}")
+        if self.batch_size < 1:
+            raise ValueError(f"GenerationConfig.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class GenerationOutput:
+    """Per-sample results. Tensors are right-padded over the answer, left-padded over the prompt."""
+
+    prompt_ids: torch.Tensor        # (batch, prompt_len), left-padded
+    prompt_mask: torch.Tensor       # (batch, prompt_len)
+    response_ids: torch.Tensor      # (batch, response_len), right-padded with pad_token_id
+    response_mask: torch.Tensor     # (batch, response_len), 1 up to and including end-of-turn
+    texts: List[str]                # decoded answers, special tokens stripped
+    finished: torch.Tensor          # (batch,) bool: ended with end-of-turn rather than the length limit
+    logprobs: Optional[torch.Tensor] = None  # (batch, response_len) if requested
+    prompt_texts: List[str] = field(default_factory=list)
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def eos_token_ids(model, tokenizer) -> List[int]:
+    """End-of-turn ids: the tokenizer's eos plus whatever the model's generation config lists."""
+    ids = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if value is None:
+            continue
+        ids.update(value if isinstance(value, (list, tuple)) else [value])
+    return sorted(ids)
+
+
+def to_messages(prompt: Prompt, system_prompt: Optional[str] = None) -> List[Message]:
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError("empty prompt: every prompt must contain text")
+        messages = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) and "role" in m for m in prompt):
+        messages = list(prompt)
+    else:
+        raise TypeError(f"a prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    return messages
+
+
+def render_prompt(tokenizer, prompt: Prompt, system_prompt: Optional[str] = None) -> str:
+    """Chat-template text ending where the assistant's answer starts."""
+    messages = to_messages(prompt, system_prompt)
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # Base models without a template: plain transcript.
+    text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
+    return text + "Assistant:"
+
+
+def tokenize_prompts(tokenizer, prompts: Sequence[Prompt], config: GenerationConfig, device=None):
+    """Left-padded prompt batch; over-long prompts lose their start (with a warning) or raise."""
+    if len(prompts) == 0:
+        raise ValueError("the prompt list is empty: give at least one prompt")
+    texts = [render_prompt(tokenizer, p, config.system_prompt) for p in prompts]
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    limit = config.max_prompt_tokens
+    for i, ids in enumerate(encoded):
+        if len(ids) > limit:
+            if not config.truncate_prompts:
+                raise ValueError(f"prompt {i} has {len(ids)} tokens, more than max_prompt_tokens={limit}; "
+                                 "shorten it, raise the limit, or allow truncation")
+            warnings.warn(f"prompt {i} has {len(ids)} tokens; keeping its last {limit} (max_prompt_tokens)")
+            encoded[i] = ids[-limit:]
+    width = max(len(ids) for ids in encoded)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, ids in enumerate(encoded):
+        if ids:
+            input_ids[i, width - len(ids):] = torch.tensor(ids)
+            mask[i, width - len(ids):] = 1
+    return input_ids.to(device), mask.to(device), texts
+
+
+def _response_mask(response_ids: torch.Tensor, eos_ids: List[int]):
+    """1 for tokens up to and including the first end-of-turn; also whether that token exists."""
+    is_eos = torch.isin(response_ids, torch.tensor(eos_ids, device=response_ids.device))
+    # tokens strictly after the first eos are padding
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    return (~after_eos).long(), is_eos.any(-1)
+
+
+@torch.inference_mode()
+def _generate_batch(model, tokenizer, prompt_ids, prompt_mask, config: GenerationConfig, eos_ids):
+    kwargs = dict(
+        max_new_tokens=config.max_new_tokens,
+        do_sample=config.do_sample,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos_ids,
+        use_cache=True,
+    )
+    if config.do_sample:
+        kwargs.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    if config.repetition_penalty != 1.0:
+        kwargs["repetition_penalty"] = config.repetition_penalty
+    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
+    return out[:, prompt_ids.shape[1]:]
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    config: Optional[GenerationConfig] = None,
+    return_logprobs: bool = False,
+    show_progress: bool = False,
+    desc: str = "generating",
+) -> GenerationOutput:
+    """Answer every prompt; batches of `config.batch_size`, each trimmed to its own longest prompt.
+
+    Log-probs (if asked) come from `logprobs.sequence_logprobs` at the sampling temperature, one
+    forward over each batch: the same numbers PPO uses later, not the warped scores of `generate`.
+    """
+    from .logprobs import sequence_logprobs
+
+    config = config or GenerationConfig()
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("the prompt list is empty: give at least one prompt")
+    device = next(model.parameters()).device
+    eos_ids = eos_token_ids(model, tokenizer)
+    was_training = model.training
+    model.eval()
+    chunks = []
+    starts = range(0, len(prompts), config.batch_size)
+    for start in tqdm(starts, desc=desc, disable=not show_progress or len(starts) < 2, leave=False):
+        batch = prompts[start:start + config.batch_size]
+        p_ids, p_mask, p_texts = tokenize_prompts(tokenizer, batch, config, device)
+        r_ids = _generate_batch(model, tokenizer, p_ids, p_mask, config, eos_ids)
+        r_mask, finished = _response_mask(r_ids, eos_ids)
+        r_ids = torch.where(r_mask.bool(), r_ids, tokenizer.pad_token_id)
+        logprobs = None
+        if return_logprobs:
+            temperature = config.temperature if config.do_sample else 1.0
+            with torch.inference_mode():
+                logprobs = sequence_logprobs(model, torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1),
+                                             response_len=r_ids.shape[1], temperature=temperature)
+            logprobs = logprobs * r_mask
+        chunks.append((p_ids, p_mask, r_ids, r_mask, finished, logprobs, p_texts))
+    if was_training:
+        model.train()
+    return _merge(chunks, tokenizer)
+
+
+def _pad_to(t: torch.Tensor, width: int, value, left: bool) -> torch.Tensor:
+    extra = width - t.shape[1]
+    if extra == 0:
+        return t
+    pad = torch.full((t.shape[0], extra), value, dtype=t.dtype, device=t.device)
+    return torch.cat([pad, t] if left else [t, pad], dim=1)
+
+
+def _merge(chunks, tokenizer) -> GenerationOutput:
+    pad = tokenizer.pad_token_id
+    p_width = max(c[0].shape[1] for c in chunks)
+    r_width = max(c[2].shape[1] for c in chunks)
+    prompt_ids = torch.cat([_pad_to(c[0], p_width, pad, left=True) for c in chunks])
+    prompt_mask = torch.cat([_pad_to(c[1], p_width, 0, left=True) for c in chunks])
+    response_ids = torch.cat([_pad_to(c[2], r_width, pad, left=False) for c in chunks])
+    response_mask = torch.cat([_pad_to(c[3], r_width, 0, left=False) for c in chunks])
+    finished = torch.cat([c[4] for c in chunks])
+    logprobs = None
+    if chunks[0][5] is not None:
+        logprobs = torch.cat([_pad_to(c[5], r_width, 0.0, left=False) for c in chunks])
+    texts = [tokenizer.decode(ids[m.bool()], skip_special_tokens=True).strip()
+             for ids, m in zip(response_ids, response_mask)]
+    prompt_texts = [t for c in chunks for t in c[6]]
+    return GenerationOutput(prompt_ids, prompt_mask, response_ids, response_mask, texts, finished,
+                            logprobs, prompt_texts)
+
+
+def generate_text(model, tokenizer, prompts: Sequence[Prompt], config: Optional[GenerationConfig] = None,
+                  **kwargs) -> List[str]:
+    """Convenience: just the answers' text."""
+    return generate(model, tokenizer, prompts, config, **kwargs).texts

@@ -1,0 +1,62 @@
+"""The toolkit's one log-prob path: per-token log-probabilities of given tokens under a model."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from src.models.heads import position_ids_from_mask
+
+
+def _forward_logits(model, input_ids, attention_mask, num_logits: int) -> torch.Tensor:
+    # Only the last `num_logits` positions go through the LM head: with a 49k vocabulary the
+    # head costs more than the whole 135M backbone on the prompt, so skipping it matters.
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+        logits_to_keep=num_logits,
+    )
+    return out.logits
+
+
+def sequence_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_len: int,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+) -> torch.Tensor | Tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of the last `response_len` tokens of each row. (batch, response_len)
+
+    `input_ids` is prompt (left-padded) + answer (right-padded), so every answer starts at the same
+    column. Logits are divided by `temperature` so the numbers match the distribution sampled from.
+    With `return_entropy`, also the entropy of that distribution at each answer position.
+    """
+    logits = _forward_logits(model, input_ids, attention_mask, response_len + 1)[:, :-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    targets = input_ids[:, -response_len:]
+    logprobs = selective_log_softmax(logits, targets)
+    if not return_entropy:
+        return logprobs
+    return logprobs, entropy_from_logits(logits)
+
+
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits).gather(index) without materialising the full log-softmax tensor twice."""
+    picked = logits.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Entropy per position (batch, seq); with a mask, the masked mean over real tokens (scalar)."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    if mask is None:
+        return entropy
+    mask = mask.to(entropy.dtype)
+    return (entropy * mask).sum() / mask.sum().clamp(min=1)

@@ -1,0 +1,49 @@
+"""Shared fixtures: the real tokenizer, a tiny random Llama built on it, and the real default model."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+from src.models import build_tiny_llama, load_causal_lm, load_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return load_tokenizer("default")
+
+
+@pytest.fixture()
+def tiny_model(tokenizer):
+    """A fresh tiny Llama (same weights every time: seeded)."""
+    model, _ = build_tiny_llama(tokenizer, seed=0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    from src.models import save_tiny_llama
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The real SmolLM2-135M-Instruct (shared: tests must not train it in place)."""
+    model, tok = load_causal_lm("default", device="cpu")
+    model.eval()
+    return model, tok
+
+
+@pytest.fixture(scope="session")
+def hh_pairs_path():
+    path = SHARED_DATA / "hh-rlhf-harmless" / "pairs.jsonl.gz"
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    return path

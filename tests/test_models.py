@@ -1,0 +1,117 @@
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from src.models import (ModelNotFoundError, RewardModel, ValueModel, default_model_dir, last_token_index,
+                        load_causal_lm, resolve_device, resolve_dtype, resolve_model_path, seed_everything)
+from src.safety.constitutional.generation import GenerationConfig, generate
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_default_model_answers_chat_prompt_with_real_text(default_model):
+    model, tok = default_model
+    out = generate(model, tok, ["What is the capital of France?"],
+                   GenerationConfig(max_new_tokens=16, do_sample=False))
+    assert "Paris" in out.texts[0]
+    assert bool(out.finished[0])
+
+
+def test_cached_default_model_loads_fast():
+    # A fresh process, so imports are counted honestly; the model itself must load in < 2 s.
+    code = ("import time, torch; import transformers.models.llama.modeling_llama; "
+            "from src.models import load_causal_lm; t=time.time(); load_causal_lm('default', device='cpu'); "
+            "print(time.time()-t)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert float(out.stdout.strip().splitlines()[-1]) < 2.0
+    assert (default_model_dir() / "model.safetensors").is_file()
+
+
+def test_missing_model_gives_clear_error(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="not a directory"):
+        resolve_model_path(tmp_path / "nope")
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
+        resolve_model_path(tmp_path)
+
+
+def test_any_local_hf_directory_loads(tiny_model_dir):
+    model, tok = load_causal_lm(tiny_model_dir, device="cpu")
+    assert model.config.num_hidden_layers == 2 and tok.padding_side == "left"
+
+
+def test_device_and_dtype_resolution():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_dtype(torch.device("cpu")) == torch.float32
+    assert resolve_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype(torch.device("cpu"), "float7")
+
+
+def test_last_token_index_left_and_right_padding():
+    left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
+    assert last_token_index(left).tolist() == [3, 3]
+    assert last_token_index(right).tolist() == [1, 2]
+
+
+def _batch(tokenizer, texts, side):
+    tokenizer.padding_side = side
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    tokenizer.padding_side = "left"
+    return enc["input_ids"], enc["attention_mask"]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_reward_head_scores_last_real_token_under_padding(tiny_model, tokenizer, side):
+    rm = RewardModel.from_causal_lm(tiny_model).eval()
+    texts = ["a short one", "a much longer sentence that needs more tokens than the first"]
+    ids, mask = _batch(tokenizer, texts, side)
+    with torch.no_grad():
+        batched = rm(ids, mask)
+        singles = torch.stack([rm(*_batch(tokenizer, [t], side)) for t in texts]).squeeze(-1)
+    assert batched.shape == (2,)
+    torch.testing.assert_close(batched, singles, atol=1e-5, rtol=1e-5)
+
+
+def test_value_head_gives_one_value_per_token(tiny_model, tokenizer):
+    vm = ValueModel.from_causal_lm(tiny_model)
+    ids, mask = _batch(tokenizer, ["hello there", "hi"], "left")
+    values = vm(ids, mask)
+    assert values.shape == ids.shape
+    values.sum().backward()
+    assert vm.model.score.weight.grad is not None
+
+
+def test_scalar_heads_round_trip_bit_for_bit(tiny_model, tokenizer, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    rm = RewardModel.from_causal_lm(tiny_model).eval()
+    rm.set_reward_stats(0.25, 2.0)
+    rm.save_pretrained(tmp_path / "rm", tokenizer=tokenizer)
+    loaded = RewardModel.from_pretrained(tmp_path / "rm", device="cpu").eval()
+    for (k, a), (_, b) in zip(rm.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert loaded.reward_stats == (0.25, 2.0)
+    ids, mask = _batch(tokenizer, ["check the scores"], "left")
+    with torch.no_grad():
+        assert torch.equal(rm(ids, mask), loaded(ids, mask))
+    # plain transformers reads it too
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
+    assert plain.config.num_labels == 1
+
+
+def test_head_backbone_is_a_copy_not_shared(tiny_model):
+    vm = ValueModel.from_causal_lm(tiny_model)
+    p_vm = next(vm.model.model.parameters())
+    p_lm = next(tiny_model.model.parameters())
+    assert torch.equal(p_vm, p_lm) and p_vm.data_ptr() != p_lm.data_ptr()
+
+
+def test_seeding_repeats(tokenizer):
+    seed_everything(3)
+    a = torch.rand(4)
+    seed_everything(3)
+    assert torch.equal(a, torch.rand(4))
