@@ -148,3 +148,49 @@ def flatten_fields(cls, prefix: str = "") -> List[tuple]:
         else:
             rows.append((name, hint, default, f.metadata.get("help", "")))
     return rows
+
+
+def field_comments(cls) -> Dict[str, str]:
+    """Trailing `# comments` on a dataclass's field lines: the documentation shown by --help."""
+    import inspect
+    import re
+
+    comments = {}
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return comments
+    for line in source.splitlines():
+        match = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
+        if match:
+            comments[match.group(1)] = match.group(2).strip()
+    return comments
+
+
+def describe_options(cls, prefix: str = "") -> List[str]:
+    """One line per leaf option: `section.name (type, default X): comment`."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        hint = hints.get(f.name)
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hint):
+            doc = (hint.__doc__ or "").strip().splitlines()
+            lines.append(f"[{name}] {doc[0] if doc else ''}")
+            lines.extend(describe_options(hint, name + "."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "required"
+        type_name = getattr(hint, "__name__", str(hint).replace("typing.", ""))
+        text = f"  {name} ({type_name}, default {default!r})"
+        if comments.get(f.name):
+            text += f": {comments[f.name]}"
+        lines.append(text)
+    return lines
