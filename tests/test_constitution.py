@@ -19,7 +19,7 @@ def write(tmp_path, data, name="c.yaml"):
 def test_default_constitution_covers_required_topics():
     c = load_constitution()
     assert c.source == str(DEFAULT_CONSTITUTION_PATH)
-    for name in ["harm_violence", "harm_weapons", "harm_crime", "harm_self_harm", "harm_cyber", "harm_fraud",
+    for name in ["harmless", "harm_violence", "harm_weapons", "harm_crime", "harm_self_harm", "harm_cyber", "harm_fraud",
                  "honesty", "privacy", "fairness", "helpfulness"]:
         p = c.get(name)
         assert p.critique_request and p.revision_request and p.weight > 0

@@ -111,3 +111,85 @@ def test_custom_evaluator_is_pluggable(framework):
 def test_mismatched_lengths_raise(framework):
     with pytest.raises(ValueError, match="same length"):
         framework.evaluate_batch(["a", "b"], ["x"])
+
+
+# -- the learned classifier ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def classifier():
+    from src.safety.constitutional.evaluators.classifier import ClassifierEvaluator
+    return ClassifierEvaluator.load()
+
+
+def test_classifier_loads_shipped_weights_and_ranks_known_examples(classifier, framework):
+    import numpy as np
+    assert classifier.coef.shape == (2 * 384 + 5,) and np.isfinite(classifier.coef).all()
+    assert "heldout_pairwise_accuracy" in classifier.meta
+    probs = classifier.compare_batch([BOMB, KILL_PROC], [REFUSAL, HELPFUL], [HOWTO, "I can't help with that."],
+                                     framework.principles[:1])
+    assert probs[0][0] > 0.5   # declining a bomb recipe beats giving one
+    assert probs[1][0] > 0.5   # answering a harmless look-alike beats refusing it
+    swapped = classifier.compare_batch([BOMB], [HOWTO], [REFUSAL], framework.principles[:1])
+    assert probs[0][0] + swapped[0][0] == pytest.approx(1.0, abs=1e-6)  # embedding batches differ
+
+
+def test_classifier_batched_equals_single(classifier, framework):
+    combined = ConstitutionalFramework(framework.constitution, evaluators={"classifier": classifier})
+    prompts = [BOMB, BOMB, KILL_PROC]
+    answers = [REFUSAL, HOWTO, HELPFUL]
+    batched = combined.evaluate_batch(prompts, answers)
+    for prompt, answer, result in zip(prompts, answers, batched):
+        single = combined.evaluate(prompt, answer)
+        assert single.aggregate == pytest.approx(result.aggregate, abs=1e-6)
+        assert "classifier" in single.scores["harm_weapons"].reason
+    assert batched[0].aggregate > batched[1].aggregate
+
+
+def test_classifier_roundtrip_npz(tmp_path, classifier):
+    import numpy as np
+    from src.safety.constitutional.evaluators.classifier import ClassifierEvaluator
+    path = classifier.save(tmp_path / "w.npz")
+    with np.load(path, allow_pickle=False) as data:  # plain arrays only
+        assert set(data.files) == {"coef", "centre", "meta"}
+    again = ClassifierEvaluator.load(path, embedder=classifier.embedder)
+    assert np.allclose(again.coef, classifier.coef, atol=1e-6) and again.centre == classifier.centre
+
+
+# -- the model judge ----------------------------------------------------------------------------
+
+@pytest.fixture()
+def judge(tiny_model, tokenizer):
+    from src.safety.constitutional.evaluators.judge import JudgeEvaluator
+    return JudgeEvaluator(tiny_model, tokenizer, batch_size=3)
+
+
+def test_judge_scores_are_probabilities_and_batch_invariant(judge, framework):
+    principles = [framework.constitution.get("harm_weapons"), framework.constitution.get("helpfulness")]
+    prompts, answers = [BOMB, BOMB, KILL_PROC, "Hi"], [REFUSAL, HOWTO, HELPFUL, "Hello! How can I help?"]
+    batched = judge.score_batch(prompts, answers, principles)
+    for i in range(len(prompts)):
+        single = judge.score_batch(prompts[i:i + 1], answers[i:i + 1], principles)[0]
+        for a, b in zip(single, batched[i]):
+            assert 0.0 < a.score < 1.0 and a.score == pytest.approx(b.score, abs=1e-5)
+            assert a.reason.startswith("judge P(yes)=")
+
+
+def test_judge_compare_cancels_position_bias(judge, framework):
+    principles = framework.principles[:2]
+    ab = judge.compare_batch([BOMB, KILL_PROC], [REFUSAL, HELPFUL], [HOWTO, REFUSAL], principles)
+    ba = judge.compare_batch([BOMB, KILL_PROC], [HOWTO, REFUSAL], [REFUSAL, HELPFUL], principles)
+    for row_ab, row_ba in zip(ab, ba):
+        for p, q in zip(row_ab, row_ba):
+            assert p + q == pytest.approx(1.0, abs=1e-5)
+    # identical answers: exactly indifferent once both orders are averaged
+    same = judge.compare_batch([BOMB], [REFUSAL], [REFUSAL], principles)
+    assert same[0][0] == pytest.approx(0.5, abs=1e-5)
+
+
+def test_framework_with_judge_is_symmetric(tiny_model, tokenizer, framework):
+    with_judge = ConstitutionalFramework(framework.constitution, judge_model=tiny_model, judge_tokenizer=tokenizer)
+    assert set(with_judge.evaluators) == {"rules", "judge"}
+    ab = with_judge.compare(BOMB, REFUSAL, HOWTO, principle="harm_weapons")
+    ba = with_judge.compare(BOMB, HOWTO, REFUSAL, principle="harm_weapons")
+    assert ab.prob_a_better + ba.prob_a_better == pytest.approx(1.0, abs=1e-5)
+    assert "(judge 0." in with_judge.evaluate(BOMB, REFUSAL).scores["harm_weapons"].reason

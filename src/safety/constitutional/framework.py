@@ -81,7 +81,8 @@ class ConstitutionalFramework:
 
     def _evaluators_for(self, principle: Principle) -> List[str]:
         names = [n for n in principle.evaluators if n in self.evaluators]
-        return names or ["rules"]
+        # None of its evaluators is loaded: fall back to the rules (or whatever evaluator there is).
+        return names or (["rules"] if "rules" in self.evaluators else list(self.evaluators)[:1])
 
     def _select(self, principle: Optional[str]) -> List[Principle]:
         return [self.constitution.get(principle)] if principle else list(self.principles)

@@ -54,3 +54,10 @@ class Evaluator:
 
 def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x))
+
+
+def prompt_text(prompt) -> str:
+    """A prompt as plain text: a string as is; chat messages as their user turns, joined."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(m["content"] for m in prompt if m.get("role") == "user")

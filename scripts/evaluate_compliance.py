@@ -1,0 +1,191 @@
+#!/usr/bin/env python
+"""Measure a model's constitutional compliance, or the framework's agreement with human labels.
+
+Generate-and-judge mode:
+    python scripts/evaluate_compliance.py --model default \\
+        --prompts data/prompts/red_team_eval.jsonl --benign data/prompts/benign_eval.jsonl --output runs/eval
+
+  Each prompt file is one set, reported apart. A file is *harmful* (red-team) unless it is given with
+  --benign, or its name contains "benign" (the `kind` convention), or every record carries
+  "kind": "benign". --prompts takes JSONL (field `prompt`), CSV (column `prompt`, or --column) or TXT.
+  Reports per set: harmful-compliance rate (harmful sets), over-refusal rate (benign sets), refusal
+  rate, mean score, and the mean score per principle; writes records.csv/json, summary.json,
+  summary.md and principles.png to --output.
+
+Pairwise mode:
+    python scripts/evaluate_compliance.py --pairs ../shared/data/hh-rlhf-harmless/pairs.jsonl.gz --split heldout
+
+  Compares chosen vs rejected with the framework and prints `pairwise accuracy: 0.NNN`
+  (a tie, P = 0.5, counts as half right).
+"""
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from src.safety.constitutional.constitution import load_constitution  # noqa: E402
+from src.safety.constitutional.framework import ConstitutionalFramework  # noqa: E402
+from src.safety.constitutional.io import atomic_write_json, read_jsonl, read_prompts  # noqa: E402
+
+EVALUATOR_CHOICES = ("rules", "classifier", "judge")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default",
+                   help="'default' (SmolLM2-135M-Instruct), a checkpoint directory or an HF model directory")
+    p.add_argument("--prompts", nargs="+", type=Path, default=[], help="prompt files (harmful unless --benign)")
+    p.add_argument("--benign", nargs="+", type=Path, default=[], help="prompt files of benign prompts")
+    p.add_argument("--column", default=None, help="CSV column / JSONL field holding the prompt (default: prompt)")
+    p.add_argument("--limit", type=int, default=None, help="use the first N prompts (or pairs) of each file")
+    p.add_argument("--pairs", type=Path, default=None, help="hh-rlhf chosen/rejected pairs: report pairwise accuracy")
+    p.add_argument("--split", choices=["all", "train", "heldout"], default="all",
+                   help="with --pairs: which part of the fixed hh-rlhf split to use")
+    p.add_argument("--principle", default=None, help="with --pairs: compare under this principle only")
+    p.add_argument("--pair-kind", choices=["harmful", "benign", "detect"], default="harmful",
+                   help="with --pairs: the prompts' kind (hh-rlhf harmless pairs are all red-team talks), "
+                        "or detect it per prompt with the rules")
+    p.add_argument("--constitution", type=Path, default=None, help="constitution YAML (default data/constitution.yaml)")
+    p.add_argument("--evaluators", default="rules,classifier",
+                   help="comma-separated evaluators to use: rules, classifier, judge")
+    p.add_argument("--judge-model", default=None,
+                   help="chat model for the judge evaluator ('default', or a directory); implies 'judge'")
+    p.add_argument("--reward-model", default=None, help="a reward-model directory: also report its mean score")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default=None, help="cpu, cuda or auto (default)")
+    p.add_argument("--output", type=Path, default=None, help="folder for CSV/JSON/Markdown/PNG results")
+    args = p.parse_args(argv)
+    if args.pairs is None and not (args.prompts or args.benign):
+        p.error("give --prompts and/or --benign prompt files, or --pairs for pairwise accuracy")
+    args.evaluators = [e.strip() for e in args.evaluators.split(",") if e.strip()]
+    unknown = set(args.evaluators) - set(EVALUATOR_CHOICES)
+    if unknown:
+        p.error(f"--evaluators: unknown {sorted(unknown)}; choose from {', '.join(EVALUATOR_CHOICES)}")
+    if args.judge_model and "judge" not in args.evaluators:
+        args.evaluators.append("judge")
+    if "judge" in args.evaluators and not args.judge_model:
+        args.judge_model = args.model if args.pairs is None else "default"
+    return args
+
+
+def load_policy(name, device):
+    """'default', an HF directory, or a checkpoint directory (its policy/ model)."""
+    from src.models import load_causal_lm
+    from src.safety.constitutional.checkpoint import latest_checkpoint
+
+    path = Path(name) if name != "default" else None
+    if path is not None and not (path / "config.json").is_file():
+        checkpoint = latest_checkpoint(path)
+        if checkpoint is not None and (checkpoint / "policy" / "config.json").is_file():
+            path = checkpoint / "policy"
+    model, tokenizer = load_causal_lm(path if path is not None else "default", device=device)
+    model.eval()
+    return model, tokenizer
+
+
+def build_framework(args, judge=None):
+    constitution = load_constitution(args.constitution)
+    classifier = "default" if "classifier" in args.evaluators else None
+    judge_model, judge_tokenizer = judge if judge is not None else (None, None)
+    if "judge" in args.evaluators and judge_model is None:
+        judge_model, judge_tokenizer = load_policy(args.judge_model, args.device)
+    framework = ConstitutionalFramework(constitution, judge_model=judge_model, judge_tokenizer=judge_tokenizer,
+                                        classifier=classifier)
+    if "rules" not in args.evaluators:  # rules are the fallback for principles with nothing else
+        framework.evaluators["rules"].weight = 1e-6
+    return framework
+
+
+def file_kind(path: Path, benign_files) -> str:
+    if path in benign_files or "benign" in path.name.lower():
+        return "benign"
+    if path.name.endswith((".jsonl", ".jsonl.gz", ".json")):
+        kinds = {r.get("kind") for r in read_jsonl(path, skip_torn_tail=False)}
+        if kinds == {"benign"}:
+            return "benign"
+    return "harmful"
+
+
+def run_pairs(args) -> float:
+    from tqdm.auto import tqdm
+
+    from src.safety.constitutional.hh_rlhf import load_pairs
+
+    pairs = load_pairs(args.pairs, limit=args.limit, split=None if args.split == "all" else args.split)
+    framework = build_framework(args)
+    probs = []
+    chunk = 32
+    for start in tqdm(range(0, len(pairs), chunk), desc="comparing pairs", unit="batch"):
+        batch = pairs[start:start + chunk]
+        comparisons = framework.compare_batch([p.prompt for p in batch], [p.chosen for p in batch],
+                                              [p.rejected for p in batch], principle=args.principle,
+                                              kinds=None if args.pair_kind == "detect" else args.pair_kind)
+        probs += [c.prob_a_better for c in comparisons]
+    correct = sum(1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0 for p in probs)
+    accuracy = correct / len(probs)
+    ties = sum(p == 0.5 for p in probs)
+    print(f"{len(pairs)} pairs from {args.pairs} (split: {args.split}); evaluators: {', '.join(args.evaluators)}; "
+          f"ties: {ties}")
+    print(f"pairwise accuracy: {accuracy:.3f}")
+    if args.output:
+        atomic_write_json(Path(args.output) / "pairwise.json",
+                          {"pairs": str(args.pairs), "split": args.split, "n": len(pairs), "accuracy": accuracy,
+                           "ties": ties, "evaluators": args.evaluators, "principle": args.principle,
+                           "prob_chosen_better": probs})
+    return accuracy
+
+
+def run_generation(args):
+    from src.safety.constitutional.evaluation import evaluate_model
+    from src.safety.constitutional.generation import GenerationConfig
+
+    files = list(args.prompts) + [f for f in args.benign if f not in args.prompts]
+    prompt_sets = {}
+    for path in files:
+        try:
+            prompts = read_prompts(path, args.column)[:args.limit]
+        except ValueError:
+            if args.column is None or ".csv" in path.suffixes:
+                raise
+            prompts = read_prompts(path)[:args.limit]  # --column names a CSV column; JSONL keeps `prompt`
+        name = path.name.split(".")[0]
+        prompt_sets[name] = (prompts, file_kind(path, args.benign))
+        print(f"{name}: {len(prompts)} {prompt_sets[name][1]} prompts from {path}")
+    start = time.time()
+    model, tokenizer = load_policy(args.model, args.device)
+    judge = (model, tokenizer) if "judge" in args.evaluators and args.judge_model == args.model else None
+    framework = build_framework(args, judge)
+    reward_model = None
+    if args.reward_model:
+        from src.models import RewardModel
+        reward_model = RewardModel.from_pretrained(args.reward_model, device=args.device)
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False, batch_size=args.batch_size)
+    report = evaluate_model(model, tokenizer, prompt_sets, framework, config, reward_model=reward_model)
+    print()
+    print(report.to_text_table())
+    print(f"\n({time.time() - start:.0f}s; model {args.model}; evaluators {', '.join(framework.evaluators)}; "
+          "harmful compliance and over-refusal: lower is better)")
+    if args.output:
+        paths = report.write(args.output)
+        print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return report
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    args = parse_args(argv)
+    try:
+        if args.pairs is not None:
+            return run_pairs(args)
+        return run_generation(args)
+    except (FileNotFoundError, ValueError) as err:  # bad inputs: one readable line, not a traceback
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()
