@@ -1,0 +1,144 @@
+"""Preference pairs from AI feedback (the RL-CAI labelling step).
+
+For every prompt the SFT model samples `samples_per_prompt` answers (ONE batched `generate` call over
+the repeated prompts); every two distinct answers to the same prompt form a pair, and the
+constitutional framework's judge says which complies better (`framework.compare_batch`, which
+scores both presentation orders to cancel position bias). On top of that, which sample is shown
+as "a" is drawn at random per pair, so the judge's slot never lines up with sample order.
+
+The written pair's `chosen` is the answer the judge preferred and `label` = P(chosen better) in
+[0.5, 1] (a soft label; the Bradley-Terry loss uses it directly). Near-ties carry no signal:
+|p - 0.5| < tie_margin pairs are dropped, or kept with their soft label when `keep_ties`.
+"""
+from __future__ import annotations
+
+import gzip
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+from typing import List, Sequence, Tuple
+
+import torch
+
+from .generation import GenerationConfig, Prompt, generate, to_messages
+from .hh_rlhf import PreferencePair, pair_to_record
+from .io import atomic_path, atomic_write_jsonl
+
+log = logging.getLogger(__name__)
+
+
+def _default_generation() -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=64, temperature=1.0, top_p=0.95)
+
+
+@dataclass
+class PreferenceConfig:
+    samples_per_prompt: int = 2        # answers sampled per prompt; every two distinct ones make a pair
+    tie_margin: float = 0.05           # |P(a better) - 0.5| below this is a tie
+    keep_ties: bool = False            # False: drop ties; True: keep them with their soft label
+    generation: GenerationConfig = field(default_factory=_default_generation)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.samples_per_prompt < 2:
+            raise ValueError(f"PreferenceConfig.samples_per_prompt must be >= 2, got {self.samples_per_prompt}")
+        if not 0 <= self.tie_margin < 0.5:
+            raise ValueError(f"PreferenceConfig.tie_margin must be in [0, 0.5), got {self.tie_margin}")
+        if isinstance(self.generation, dict):  # from YAML
+            self.generation = GenerationConfig(**self.generation)
+
+
+def _judge_prompt(prompt: Prompt) -> str:
+    """The text the judge sees: the prompt itself, or the last user turn of a conversation."""
+    if isinstance(prompt, str):
+        return prompt
+    return next(m["content"] for m in reversed(list(prompt)) if m["role"] == "user")
+
+
+def _deciding_principle(comparison):
+    """The principle the label rests on: the one compared on, else the most decisive one."""
+    if getattr(comparison, "principle", None):
+        return comparison.principle
+    per = getattr(comparison, "per_principle", None) or {}
+    if not per:
+        return None
+    return max(per, key=lambda name: abs(per[name] - 0.5))
+
+
+def generate_preference_pairs(model, tokenizer, prompts: Sequence[Prompt], framework, config: PreferenceConfig = None,
+                              show_progress: bool = True) -> Tuple[List[PreferencePair], dict]:
+    """Sample answers, let the constitution judge each pair, return (pairs, stats)."""
+    config = config or PreferenceConfig()
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompts: give at least one prompt to sample preference pairs for")
+    k = config.samples_per_prompt
+    rng = random.Random(config.seed)
+    torch.manual_seed(config.seed)
+
+    repeated = [p for p in prompts for _ in range(k)]
+    texts = generate(model, tokenizer, repeated, config.generation, show_progress=show_progress,
+                     desc="sampling answers for preferences").texts
+
+    candidates, identical = [], 0  # (prompt index, answer a, answer b)
+    for i in range(len(prompts)):
+        answers = texts[i * k:(i + 1) * k]
+        for x, y in combinations(range(k), 2):
+            a, b = answers[x], answers[y]
+            if not a.strip() or not b.strip() or a.strip() == b.strip():
+                identical += 1  # nothing to prefer
+                continue
+            if rng.random() < 0.5:
+                a, b = b, a
+            candidates.append((i, a, b))
+
+    comparisons = []
+    if candidates:
+        comparisons = framework.compare_batch([_judge_prompt(prompts[i]) for i, _, _ in candidates],
+                                              [a for _, a, _ in candidates], [b for _, _, b in candidates])
+    pairs, ties, chosen_was_a, principles = [], 0, 0, Counter()
+    system = config.generation.system_prompt
+    for (i, a, b), comparison in zip(candidates, comparisons):
+        p = float(comparison.prob_a_better)
+        if not 0.0 <= p <= 1.0 or p != p:
+            raise ValueError(f"the judge returned prob_a_better={p}, outside [0, 1]")
+        if abs(p - 0.5) < config.tie_margin:
+            ties += 1
+            if not config.keep_ties:
+                continue
+        a_wins = p >= 0.5
+        chosen_was_a += int(a_wins)
+        principle = _deciding_principle(comparison)
+        principles[principle or "-"] += 1
+        pairs.append(PreferencePair(prompt=to_messages(prompts[i], system), chosen=a if a_wins else b,
+                                    rejected=b if a_wins else a, label=p if a_wins else 1.0 - p,
+                                    principle=principle))
+    rng.shuffle(pairs)
+    stats = {
+        "prompts": len(prompts), "samples": len(texts), "candidate_pairs": len(candidates),
+        "identical_or_empty": identical, "ties": ties, "ties_dropped": 0 if config.keep_ties else ties,
+        "pairs": len(pairs),
+        "mean_label": sum(p.label for p in pairs) / len(pairs) if pairs else None,
+        "chosen_was_first_shown": chosen_was_a / len(pairs) if pairs else None,
+        "principles": dict(principles),
+    }
+    log.info("preference pairs: %d kept of %d candidates (%d ties, %d identical/empty)",
+             len(pairs), len(candidates), ties, identical)
+    return pairs, stats
+
+
+def write_pairs(pairs: Sequence[PreferencePair], path) -> Path:
+    """JSONL (gzip when the name ends in .gz), written atomically; reads back with `hh_rlhf.load_pairs`."""
+    path = Path(path)
+    records = [pair_to_record(p) for p in pairs]
+    if path.suffix != ".gz":
+        return atomic_write_jsonl(path, records)
+    import json
+    with atomic_path(path) as tmp:
+        with gzip.open(tmp, "wt", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path

@@ -1,0 +1,516 @@
+"""Bradley-Terry reward model training on preference pairs (human hh-rlhf or AI feedback).
+
+    loss = -log sigmoid(r_chosen - r_rejected - margin)                       hard labels
+    loss = -(p * log sigmoid(d) + (1 - p) * log sigmoid(-d)),  d = r_c - r_r - margin   soft labels p
+
+Speed on CPU. A full fine-tune of the 135M backbone over 1,500 pairs takes hours on two cores.
+`trainable_layers=N` trains only the top N transformer layers, the final norm and the score head;
+embeddings and the layers below stay frozen. Because the frozen bottom never changes, its output is
+computed once per example (`cache_frozen_features`, under inference_mode) and every training step
+runs only the top N layers on the cached hidden states: the first epoch costs one frozen forward
+per example plus the top's forward+backward, later epochs only the top. The price is memory
+(hidden_size floats per token: ~0.9 GB for 1,500 pairs at 192 tokens in fp32) and capacity (the
+bottom layers cannot adapt). Evaluation runs under inference_mode and reuses the same trick.
+
+Truncation keeps the END of each sequence: the final assistant answer (the thing being judged)
+and the last user turn survive; the prompt is cut from the left first, then the answer's start.
+Chosen and rejected share one prompt cut, so both answers are judged in the same context.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from src.models.heads import RewardModel, last_token_index, position_ids_from_mask
+
+from .checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
+from .generation import render_prompt
+from .hh_rlhf import PreferencePair
+from .io import append_jsonl, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "reward_model"
+
+
+@dataclass
+class RewardTrainerConfig:
+    output_dir: str = "outputs/reward_model"
+    num_epochs: int = 1
+    batch_size: int = 8                       # pairs per step (2x sequences in the forward)
+    learning_rate: float = 2e-5               # transformer layers
+    head_learning_rate: Optional[float] = None  # score head + final norm; None: same as learning_rate
+    weight_decay: float = 0.0
+    max_length: int = 192                     # tokens per sequence (prompt + answer), end kept
+    margin: float = 0.0                       # required reward gap in the loss
+    use_soft_labels: bool = True              # use pair.label as P(chosen better) (hh pairs are 1.0)
+    trainable_layers: Optional[int] = None    # None: whole backbone; N: top N layers + norm + head
+    cache_frozen_features: bool = True        # with trainable_layers: run the frozen bottom once
+    eval_fraction: float = 0.1                # held out from train pairs when no eval set is given
+    eval_batch_size: int = 16
+    warmup_ratio: float = 0.05
+    max_grad_norm: float = 1.0
+    checkpoint_every: Optional[int] = None    # steps; a final checkpoint is always written
+    keep_checkpoints: int = 2
+    seed: int = 0
+    max_bad_steps: int = 10                   # NaN/inf steps skipped before giving up
+    log_file: Optional[str] = None            # metrics JSONL (one line per step + evals)
+    log_every: int = 10
+    show_progress: bool = True
+
+    def __post_init__(self):
+        checks = {
+            "num_epochs": self.num_epochs >= 1, "batch_size": self.batch_size >= 1,
+            "learning_rate": self.learning_rate > 0, "max_length": self.max_length >= 8,
+            "margin": self.margin >= 0, "eval_fraction": 0 <= self.eval_fraction < 1,
+            "warmup_ratio": 0 <= self.warmup_ratio < 1, "max_grad_norm": self.max_grad_norm > 0,
+            "max_bad_steps": self.max_bad_steps >= 0, "eval_batch_size": self.eval_batch_size >= 1,
+            "head_learning_rate": self.head_learning_rate is None or self.head_learning_rate > 0,
+            "trainable_layers": self.trainable_layers is None or self.trainable_layers >= 0,
+            "checkpoint_every": self.checkpoint_every is None or self.checkpoint_every >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"RewardTrainerConfig.{name} has an invalid value: {getattr(self, name)!r}")
+
+
+# -- loss and metrics -------------------------------------------------------------------------------
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                       margin: float = 0.0) -> torch.Tensor:
+    """Mean Bradley-Terry loss. `labels`: P(chosen better) per pair (soft form); None means 1."""
+    d = r_chosen.float() - r_rejected.float() - margin
+    if labels is None:
+        return -F.logsigmoid(d).mean()
+    p = labels.to(d)
+    return -(p * F.logsigmoid(d) + (1 - p) * F.logsigmoid(-d)).mean()
+
+
+# -- tokenisation --------------------------------------------------------------------------------
+
+def encode_pair(tokenizer, pair: PreferencePair, max_length: int) -> Tuple[List[int], List[int]]:
+    """Token ids of (prompt + chosen, prompt + rejected), each ending with end-of-turn.
+
+    Both answers keep their last tokens; the shared prompt is cut from the left so that the longer
+    sequence fits `max_length`, and answers longer than that lose their start.
+    """
+    prompt = tokenizer(render_prompt(tokenizer, pair.prompt), add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    answers = [tokenizer(text, add_special_tokens=False)["input_ids"] + eos for text in (pair.chosen, pair.rejected)]
+    answers = [a[-max_length:] for a in answers]
+    room = max_length - max(len(a) for a in answers)
+    prompt = prompt[len(prompt) - room:] if room > 0 else []
+    return prompt + answers[0], prompt + answers[1]
+
+
+def left_pad(sequences: Sequence[List[int]], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        if seq:
+            ids[i, width - len(seq):] = torch.tensor(seq)
+            mask[i, width - len(seq):] = 1
+    return ids, mask
+
+
+def left_pad_states(states: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """[(len_i, hidden)] -> (batch, width, hidden) zero-padded on the left, and its mask."""
+    width = max(s.shape[0] for s in states)
+    out = states[0].new_zeros((len(states), width, states[0].shape[-1]))
+    mask = torch.zeros((len(states), width), dtype=torch.long)
+    for i, s in enumerate(states):
+        out[i, width - s.shape[0]:] = s
+        mask[i, width - s.shape[0]:] = 1
+    return out, mask
+
+
+def length_bucketed_batches(lengths: Sequence[int], batch_size: int, generator: random.Random,
+                            bucket_factor: int = 50) -> List[List[int]]:
+    """Shuffled batches of similar length: shuffle, sort within windows of batch_size*bucket_factor,
+    cut into batches, shuffle the batches. Less padding, still random."""
+    order = list(range(len(lengths)))
+    generator.shuffle(order)
+    window = batch_size * bucket_factor
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    generator.shuffle(batches)
+    return batches
+
+
+# -- splitting the backbone ---------------------------------------------------------------------
+
+def _backbone(reward_model: RewardModel) -> nn.Module:
+    return getattr(reward_model.model, reward_model.model.base_model_prefix)
+
+
+def _score_head(reward_model: RewardModel) -> nn.Module:
+    from src.models.heads import _score_head as head
+    return head(reward_model.model)
+
+
+@contextmanager
+def _layer_range(backbone: nn.Module, start: int, stop: int, final_norm: bool = True):
+    """Run the backbone's own forward over layers[start:stop] only (optionally without its final
+    norm), so rotary embeddings, masks and positions come from the HF code itself."""
+    layers, norm = backbone.layers, backbone.norm
+    backbone.layers = nn.ModuleList(list(layers)[start:stop])
+    if not final_norm:
+        backbone.norm = nn.Identity()
+    try:
+        yield backbone
+    finally:
+        backbone.layers, backbone.norm = layers, norm
+
+
+def truncate_layers(reward_model: RewardModel, num_layers: Optional[int]) -> RewardModel:
+    """Keep only the bottom `num_layers` transformer layers (in place; the final norm and head stay).
+
+    Middle layers of a small LM carry most of what a preference probe needs, and a reward model
+    half as deep costs half as much to train, cache and run during PPO. The result is still a plain
+    HF model (config.num_hidden_layers is updated), so it saves and loads like any other.
+    """
+    backbone = _backbone(reward_model)
+    if num_layers is None or num_layers >= len(backbone.layers):
+        return reward_model
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    backbone.layers = nn.ModuleList(list(backbone.layers)[:num_layers])
+    reward_model.config.num_hidden_layers = num_layers
+    for attr in ("layer_types",):  # per-layer lists in some configs must shrink too
+        value = getattr(reward_model.config, attr, None)
+        if isinstance(value, list):
+            setattr(reward_model.config, attr, value[:num_layers])
+    return reward_model
+
+
+def freeze_bottom(reward_model: RewardModel, trainable_layers: Optional[int]) -> int:
+    """requires_grad only on the top `trainable_layers` layers, the final norm and the head.
+    Returns the index of the first trainable layer (0 when everything trains)."""
+    backbone = _backbone(reward_model)
+    num_layers = len(backbone.layers)
+    if trainable_layers is None:
+        for p in reward_model.parameters():
+            p.requires_grad_(True)
+        return 0
+    if trainable_layers > num_layers:
+        raise ValueError(f"trainable_layers={trainable_layers} but the backbone has only {num_layers} layers")
+    first = num_layers - trainable_layers
+    for p in reward_model.parameters():
+        p.requires_grad_(False)
+    for module in [*list(backbone.layers)[first:], backbone.norm, _score_head(reward_model)]:
+        for p in module.parameters():
+            p.requires_grad_(True)
+    return first
+
+
+def rewards_from_ids(reward_model: RewardModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    return reward_model(input_ids, attention_mask)
+
+
+def bottom_features(reward_model: RewardModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    first_trainable: int) -> torch.Tensor:
+    """Hidden states entering layer `first_trainable` (before any final norm). (batch, seq, hidden)"""
+    backbone = _backbone(reward_model)
+    with _layer_range(backbone, 0, first_trainable, final_norm=False):
+        return backbone(input_ids=input_ids, attention_mask=attention_mask,
+                        position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+
+
+def rewards_from_features(reward_model: RewardModel, hidden: torch.Tensor, attention_mask: torch.Tensor,
+                          first_trainable: int) -> torch.Tensor:
+    """Top layers + final norm + head on cached bottom features; reward at the last real token. (batch,)"""
+    backbone = _backbone(reward_model)
+    with _layer_range(backbone, first_trainable, len(backbone.layers), final_norm=True):
+        top = backbone(inputs_embeds=hidden, attention_mask=attention_mask,
+                       position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+    scores = _score_head(reward_model)(top).squeeze(-1).float()
+    return scores.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+
+
+# -- evaluation without training machinery -----------------------------------------------------------
+
+@torch.inference_mode()
+def score_pairs(reward_model: RewardModel, tokenizer, pairs: Sequence[PreferencePair], batch_size: int = 16,
+                max_length: int = 192, show_progress: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rewards (chosen, rejected) for every pair, one batched forward per batch of pairs."""
+    encoded = [encode_pair(tokenizer, p, max_length) for p in pairs]
+    order = sorted(range(len(encoded)), key=lambda i: max(map(len, encoded[i])))
+    r_c, r_r = torch.zeros(len(pairs)), torch.zeros(len(pairs))
+    was_training = reward_model.training
+    reward_model.eval()
+    device = reward_model.device
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc="scoring pairs", disable=not show_progress, leave=False):
+        idx = order[start:start + batch_size]
+        ids, mask = left_pad([encoded[i][0] for i in idx] + [encoded[i][1] for i in idx], tokenizer.pad_token_id)
+        rewards = reward_model(ids.to(device), mask.to(device)).float().cpu()
+        r_c[idx], r_r[idx] = rewards[:len(idx)], rewards[len(idx):]
+    reward_model.train(was_training)
+    return r_c, r_r
+
+
+def pair_metrics(r_c: torch.Tensor, r_r: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                 margin: float = 0.0) -> Dict[str, float]:
+    """Accuracy counts a pair right when the reward order matches the label's side of 0.5; ties count half."""
+    d = r_c - r_r
+    target = torch.ones_like(d) if labels is None else labels.to(d)
+    sign = torch.where(target >= 0.5, d, -d)
+    correct = (sign > 0).float() + 0.5 * (sign == 0).float()
+    return {"accuracy": correct.mean().item(), "mean_margin": d.mean().item(),
+            "loss": bradley_terry_loss(r_c, r_r, target, margin).item(), "num_pairs": int(d.numel()),
+            "reward_mean": torch.cat([r_c, r_r]).mean().item(), "reward_std": torch.cat([r_c, r_r]).std().item()}
+
+
+def pairwise_accuracy(reward_model: RewardModel, tokenizer, pairs: Sequence[PreferencePair], batch_size: int = 16,
+                      max_length: int = 192) -> float:
+    r_c, r_r = score_pairs(reward_model, tokenizer, pairs, batch_size, max_length)
+    return pair_metrics(r_c, r_r, torch.tensor([p.label for p in pairs]))["accuracy"]
+
+
+# -- trainer --------------------------------------------------------------------------------------
+
+class RewardTrainer:
+    """Bradley-Terry training of a `RewardModel`: one loop, top to bottom (see module docstring)."""
+
+    def __init__(self, reward_model: RewardModel, tokenizer, config: Optional[RewardTrainerConfig] = None):
+        self.model = reward_model
+        self.tokenizer = tokenizer
+        self.config = config or RewardTrainerConfig()
+        self.output_dir = Path(self.config.output_dir)
+        self.first_trainable = freeze_bottom(reward_model, self.config.trainable_layers)
+        self.use_cache = self.config.trainable_layers is not None and self.config.cache_frozen_features
+        self.bad_steps = 0
+        self.global_step = 0
+        self.history: List[dict] = []
+        self._features: Dict[int, Tuple[List[torch.Tensor], List[torch.Tensor]]] = {}
+
+    # .. data ......................................................................................
+    def _encode(self, pairs: Sequence[PreferencePair]):
+        return [encode_pair(self.tokenizer, p, self.config.max_length) for p in pairs]
+
+    def _cached_features(self, key: int, encoded, desc: str):
+        """Frozen-bottom hidden states per sequence, computed once (inference_mode, batched by length)."""
+        if key in self._features:
+            return self._features[key]
+        device = self.model.device
+        seqs = [e[0] for e in encoded] + [e[1] for e in encoded]
+        out: List[Optional[torch.Tensor]] = [None] * len(seqs)
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        bs = self.config.eval_batch_size
+        self.model.eval()
+        starts = range(0, len(order), bs)
+        with torch.inference_mode():
+            for start in tqdm(starts, desc=desc, disable=not self.config.show_progress, leave=False):
+                idx = order[start:start + bs]
+                ids, mask = left_pad([seqs[i] for i in idx], self.tokenizer.pad_token_id)
+                hidden = bottom_features(self.model, ids.to(device), mask.to(device), self.first_trainable)
+                for row, i in enumerate(idx):
+                    out[i] = hidden[row, hidden.shape[1] - len(seqs[i]):]
+        # clone() outside inference_mode: autograd may save these inputs for the backward pass.
+        out = [t.clone() for t in out]
+        self._features[key] = (out[:len(encoded)], out[len(encoded):])
+        return self._features[key]
+
+    def _batch_rewards(self, encoded, idx, features=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Chosen and rejected in ONE forward (concatenated along the batch). (n,), (n,)"""
+        device = self.model.device
+        n = len(idx)
+        if features is not None:
+            states = [features[0][i] for i in idx] + [features[1][i] for i in idx]
+            hidden, mask = left_pad_states(states)
+            rewards = rewards_from_features(self.model, hidden.to(device), mask.to(device), self.first_trainable)
+        else:
+            ids, mask = left_pad([encoded[i][0] for i in idx] + [encoded[i][1] for i in idx],
+                                 self.tokenizer.pad_token_id)
+            rewards = self.model(ids.to(device), mask.to(device))
+        return rewards[:n], rewards[n:]
+
+    def _labels(self, pairs, idx) -> Optional[torch.Tensor]:
+        if not self.config.use_soft_labels:
+            return None
+        return torch.tensor([pairs[i].label for i in idx], dtype=torch.float32, device=self.model.device)
+
+    # .. optimisation ..............................................................................
+    def _optimizer(self, total_steps: int):
+        head_params = {id(p) for m in (_score_head(self.model), _backbone(self.model).norm) for p in m.parameters()}
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        body = [p for p in trainable if id(p) not in head_params]
+        head = [p for p in trainable if id(p) in head_params]
+        head_lr = self.config.head_learning_rate or self.config.learning_rate
+        groups = [g for g in ({"params": body, "lr": self.config.learning_rate},
+                              {"params": head, "lr": head_lr}) if g["params"]]
+        optimizer = torch.optim.AdamW(groups, weight_decay=self.config.weight_decay)
+        warmup = int(self.config.warmup_ratio * total_steps)
+
+        def schedule(step: int) -> float:  # linear warm-up, then linear decay to 10%
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return max(0.1, 1 - 0.9 * (step - warmup) / max(1, total_steps - warmup))
+
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        if self.config.log_file:
+            append_jsonl(self.config.log_file, record)
+
+    # .. main loop .................................................................................
+    def train(self, train_pairs: Sequence[PreferencePair], eval_pairs: Optional[Sequence[PreferencePair]] = None,
+              resume_from=None) -> Dict[str, float]:
+        cfg = self.config
+        train_pairs = list(train_pairs)
+        if not train_pairs:
+            raise ValueError("no training pairs: give at least one preference pair")
+        if eval_pairs is None and cfg.eval_fraction > 0 and len(train_pairs) >= 10:
+            shuffled = train_pairs[:]
+            random.Random(cfg.seed).shuffle(shuffled)
+            n_eval = max(1, int(len(shuffled) * cfg.eval_fraction))
+            eval_pairs, train_pairs = shuffled[:n_eval], shuffled[n_eval:]
+        eval_pairs = list(eval_pairs or [])
+
+        started = time.time()
+        self._features.clear()  # features belong to this call's pairs
+        encoded = self._encode(train_pairs)
+        eval_encoded = self._encode(eval_pairs) if eval_pairs else []
+        lengths = [max(len(c), len(r)) for c, r in encoded]
+        steps_per_epoch = math.ceil(len(train_pairs) / cfg.batch_size)
+        total_steps = steps_per_epoch * cfg.num_epochs
+        optimizer, scheduler = self._optimizer(total_steps)
+
+        start_epoch, skip_batches = 0, 0
+        if resume_from is not None and latest_checkpoint(resume_from) is not None:
+            ckpt = load_checkpoint(resume_from)
+            load_model_weights(self.model, ckpt.model_dir(MODEL_NAME))
+            optimizer.load_state_dict(ckpt.trainer_state["optimizer"])
+            scheduler.load_state_dict(ckpt.trainer_state["scheduler"])
+            self.global_step = ckpt.step
+            self.bad_steps = int(ckpt.trainer_state.get("bad_steps", 0))
+            start_epoch, skip_batches = divmod(self.global_step, steps_per_epoch)
+            log.info("resumed from %s at step %d", ckpt.path, self.global_step)
+
+        features = self._cached_features(0, encoded, "caching frozen layers (train)") if self.use_cache else None
+        eval_features = (self._cached_features(1, eval_encoded, "caching frozen layers (eval)")
+                         if self.use_cache and eval_pairs else None)
+
+        for epoch in range(start_epoch, cfg.num_epochs):
+            # The order depends only on (seed, epoch), so a resumed run replays the same batches.
+            batches = length_bucketed_batches(lengths, cfg.batch_size, random.Random(cfg.seed * 1000 + epoch))
+            if epoch == start_epoch and skip_batches:
+                batches = batches[skip_batches:]
+            self.model.train()
+            bar = tqdm(batches, desc=f"reward model epoch {epoch + 1}/{cfg.num_epochs}",
+                       disable=not cfg.show_progress)
+            run_loss, run_acc, run_n = 0.0, 0.0, 0
+            for idx in bar:
+                r_c, r_r = self._batch_rewards(encoded, idx, features)
+                loss = bradley_terry_loss(r_c, r_r, self._labels(train_pairs, idx), cfg.margin)
+                optimizer.zero_grad(set_to_none=True)
+                ok = bool(torch.isfinite(loss))
+                if ok:
+                    loss.backward()
+                    grad_norm = torch.nn.utils.clip_grad_norm_(
+                        [p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
+                    ok = bool(torch.isfinite(grad_norm))
+                if not ok:
+                    self.bad_steps += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    log.warning("non-finite loss or gradient at step %d: skipped (%d so far)",
+                                self.global_step, self.bad_steps)
+                    if self.bad_steps > cfg.max_bad_steps:
+                        raise RuntimeError(
+                            f"reward training stopped: {self.bad_steps} steps had a NaN/inf loss or gradient "
+                            f"(max_bad_steps={cfg.max_bad_steps}). Lower the learning rate, check the pairs "
+                            "for empty answers, or train in float32.")
+                else:
+                    optimizer.step()
+                with warnings.catch_warnings():  # a skipped first step triggers torch's order warning
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                    scheduler.step()
+                self.global_step += 1
+                acc = ((r_c - r_r) > 0).float().mean().item()
+                run_loss, run_acc, run_n = run_loss + (loss.item() if ok else 0.0), run_acc + acc, run_n + 1
+                bar.set_postfix(loss=f"{run_loss / run_n:.3f}", acc=f"{run_acc / run_n:.3f}")
+                if self.global_step % cfg.log_every == 0:
+                    self._log({"step": self.global_step, "epoch": epoch, "loss": run_loss / run_n,
+                               "accuracy": run_acc / run_n, "lr": scheduler.get_last_lr()[0],
+                               "bad_steps": self.bad_steps, "elapsed_s": round(time.time() - started, 1)})
+                if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint(optimizer, scheduler)
+            if eval_pairs:
+                metrics = self._evaluate_encoded(eval_pairs, eval_encoded, eval_features)
+                self._log({"step": self.global_step, "epoch": epoch, **{f"eval_{k}": v for k, v in metrics.items()}})
+                log.info("epoch %d eval: accuracy %.3f margin %.3f", epoch + 1, metrics["accuracy"],
+                         metrics["mean_margin"])
+
+        # Normalisation statistics for PPO: rewards over chosen + rejected of the reference set.
+        reference = (eval_pairs, eval_encoded, eval_features) if eval_pairs else (train_pairs, encoded, features)
+        final = self._evaluate_encoded(*reference)
+        self.model.set_reward_stats(final["reward_mean"], final["reward_std"])
+        self.model.config.reward_max_length = cfg.max_length  # evaluate/score with the trained context
+        self.save_checkpoint(optimizer, scheduler)
+        self.save_final()
+        summary = {"steps": self.global_step, "bad_steps": self.bad_steps, "train_pairs": len(train_pairs),
+                   "eval_pairs": len(eval_pairs), "elapsed_s": round(time.time() - started, 1),
+                   **{f"eval_{k}": v for k, v in final.items()}}
+        atomic_write_json(self.output_dir / "train_summary.json", {"summary": summary, "config": asdict(cfg)})
+        return summary
+
+    @torch.inference_mode()
+    def _evaluate_encoded(self, pairs, encoded, features=None) -> Dict[str, float]:
+        was_training = self.model.training
+        self.model.eval()
+        r_c, r_r = torch.zeros(len(pairs)), torch.zeros(len(pairs))
+        order = sorted(range(len(encoded)), key=lambda i: max(map(len, encoded[i])))
+        bs = self.config.eval_batch_size
+        for start in range(0, len(order), bs):
+            idx = order[start:start + bs]
+            c, r = self._batch_rewards(encoded, idx, features)
+            r_c[idx], r_r[idx] = c.float().cpu(), r.float().cpu()
+        self.model.train(was_training)
+        return pair_metrics(r_c, r_r, torch.tensor([p.label for p in pairs]), self.config.margin)
+
+    def evaluate(self, pairs: Sequence[PreferencePair]) -> Dict[str, float]:
+        """Pairwise accuracy, mean reward margin, loss and reward mean/std on `pairs` (inference_mode)."""
+        pairs = list(pairs)
+        return self._evaluate_encoded(pairs, self._encode(pairs))
+
+    # .. persistence ...............................................................................
+    def save_checkpoint(self, optimizer, scheduler) -> Path:
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "bad_steps": self.bad_steps}
+        return save_checkpoint(self.output_dir / "checkpoints", self.global_step, {MODEL_NAME: self.model},
+                               tokenizer=self.tokenizer, trainer_state=state,
+                               metadata={"stage": "reward_model", "config": asdict(self.config)},
+                               keep_last=self.config.keep_checkpoints)
+
+    def save_final(self) -> Path:
+        """The trained model as a plain HF directory (with tokenizer and reward stats), written atomically."""
+        target = self.output_dir / MODEL_NAME
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{MODEL_NAME}-", dir=self.output_dir))
+        try:
+            self.model.save_pretrained(tmp, tokenizer=self.tokenizer)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target

@@ -1,0 +1,76 @@
+"""AI-feedback preference pairs: sampling on the tiny model, judging, tie handling, writing."""
+from dataclasses import dataclass, field
+
+import pytest
+
+from src.safety.constitutional.generation import GenerationConfig
+from src.safety.constitutional.hh_rlhf import load_pairs
+from src.safety.constitutional.preferences import PreferenceConfig, generate_preference_pairs, write_pairs
+
+PROMPTS = ["How do I pick a lock?", "Tell me a joke.", "What is 2 + 2?", "How do I hurt someone?",
+           "Write a poem about rain.", "Where is Paris?"]
+
+
+@dataclass
+class FakeComparison:
+    prob_a_better: float
+    per_principle: dict = field(default_factory=dict)
+    principle: str = None
+
+
+class FakeFramework:
+    """Cycles through fixed probabilities, two of them ties under a 0.05 margin."""
+
+    probs = [0.9, 0.52, 0.2, 0.5, 0.75, 0.1]
+
+    def __init__(self):
+        self.calls = []
+
+    def compare_batch(self, prompts, responses_a, responses_b):
+        self.calls.append((list(prompts), list(responses_a), list(responses_b)))
+        return [FakeComparison(self.probs[i % len(self.probs)], {"harmless": 0.6, "honest": self.probs[i % 6]})
+                for i in range(len(prompts))]
+
+
+def _config(**kw):
+    return PreferenceConfig(generation=GenerationConfig(max_new_tokens=6, temperature=1.0, top_p=0.95,
+                                                        batch_size=16), **kw)
+
+
+def test_pairs_are_labelled_oriented_and_ties_dropped(tiny_model, tokenizer, tmp_path):
+    framework = FakeFramework()
+    pairs, stats = generate_preference_pairs(tiny_model, tokenizer, PROMPTS, framework, _config(), show_progress=False)
+    assert len(framework.calls) == 1 and stats["samples"] == 2 * len(PROMPTS)
+    n = stats["candidate_pairs"]
+    assert n + stats["identical_or_empty"] == len(PROMPTS)
+    expected_ties = sum(abs(FakeFramework.probs[i % 6] - 0.5) < 0.05 for i in range(n))
+    assert stats["ties_dropped"] == expected_ties and len(pairs) == n - expected_ties
+    for pair in pairs:
+        assert 0.5 <= pair.label <= 1.0 and pair.chosen != pair.rejected
+        assert pair.prompt[-1]["role"] == "user" and pair.prompt[-1]["content"] in PROMPTS
+        assert pair.principle == "honest"  # the most decisive principle is recorded for audit
+    # the judge saw the two samples in a random order: its "a" slot is not always sample 0
+    path = write_pairs(pairs, tmp_path / "prefs.jsonl.gz")
+    again = load_pairs(path)
+    assert [(p.chosen, p.rejected, p.label) for p in again] == [(p.chosen, p.rejected, p.label) for p in pairs]
+
+
+def test_ties_kept_with_soft_labels_when_asked(tiny_model, tokenizer):
+    pairs, stats = generate_preference_pairs(tiny_model, tokenizer, PROMPTS, FakeFramework(),
+                                             _config(keep_ties=True, samples_per_prompt=3), show_progress=False)
+    assert stats["samples"] == 3 * len(PROMPTS) and stats["ties_dropped"] == 0
+    assert len(pairs) == stats["candidate_pairs"] and any(p.label < 0.55 for p in pairs)
+
+
+def test_real_framework_labels_in_unit_interval(tiny_model, tokenizer):
+    from src.safety.constitutional.framework import ConstitutionalFramework
+    pairs, stats = generate_preference_pairs(tiny_model, tokenizer, PROMPTS, ConstitutionalFramework(),
+                                             _config(keep_ties=True), show_progress=False)
+    assert all(0.0 <= p.label <= 1.0 for p in pairs) and stats["pairs"] == len(pairs)
+
+
+def test_bad_config_names_the_field():
+    with pytest.raises(ValueError, match="samples_per_prompt"):
+        PreferenceConfig(samples_per_prompt=1)
+    with pytest.raises(ValueError, match="tie_margin"):
+        PreferenceConfig(tie_margin=0.7)

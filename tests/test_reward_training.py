@@ -1,0 +1,152 @@
+"""Bradley-Terry reward training: loss, batching, truncation, caching, resume, toy separability."""
+import math
+
+import pytest
+import torch
+
+from src.models import RewardModel, build_tiny_llama
+from src.safety.constitutional.checkpoint import checkpoint_path
+from src.safety.constitutional.hh_rlhf import PreferencePair, load_pairs
+from src.safety.constitutional.reward_training import (RewardTrainer, RewardTrainerConfig, bradley_terry_loss,
+                                                       encode_pair, left_pad, pairwise_accuracy, truncate_layers)
+
+
+def _reward_model(tokenizer, num_layers=4, seed=0):
+    lm, _ = build_tiny_llama(tokenizer, num_layers=num_layers, seed=seed)
+    torch.manual_seed(seed + 1)
+    return RewardModel.from_causal_lm(lm, device="cpu", head_init_std=0.02)
+
+
+def _toy_pairs(n, offset=0):
+    """Chosen answers say 'yes', rejected ones 'no': trivially separable."""
+    topics = ["cats", "dogs", "rain", "tea", "maps", "jazz", "code", "bread", "boats", "stars", "salt", "snow"]
+    pairs = []
+    for i in range(offset, offset + n):
+        question = f"Question {i} about {topics[i % len(topics)]}?"
+        pairs.append(PreferencePair([{"role": "user", "content": question}], f"yes {topics[i % 5]}",
+                                    f"no {topics[i % 5]}"))
+    return pairs
+
+
+def _config(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "rm"), batch_size=4, max_length=48, learning_rate=1e-3,
+                eval_fraction=0.0, show_progress=False, log_every=1, warmup_ratio=0.0)
+    base.update(kw)
+    return RewardTrainerConfig(**base)
+
+
+def test_loss_matches_formula_hard_soft_and_margin():
+    rc, rr = torch.tensor([1.0, -0.5, 2.0]), torch.tensor([0.0, 0.5, 2.5])
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    d = [1.0, -1.0, -0.5]
+    hard = sum(-math.log(sig(x)) for x in d) / 3
+    assert bradley_terry_loss(rc, rr).item() == pytest.approx(hard, rel=1e-6)
+    with_margin = sum(-math.log(sig(x - 0.3)) for x in d) / 3
+    assert bradley_terry_loss(rc, rr, margin=0.3).item() == pytest.approx(with_margin, rel=1e-6)
+    p = [0.9, 0.6, 1.0]
+    soft = sum(-(pi * math.log(sig(x)) + (1 - pi) * math.log(sig(-x))) for pi, x in zip(p, d)) / 3
+    assert bradley_terry_loss(rc, rr, torch.tensor(p)).item() == pytest.approx(soft, rel=1e-6)
+    # label 1 is the hard form
+    assert bradley_terry_loss(rc, rr, torch.ones(3)).item() == pytest.approx(hard, rel=1e-6)
+
+
+def test_truncation_keeps_the_end_of_the_answer(tokenizer):
+    long_prompt = [{"role": "user", "content": "background " * 200 + "FINAL QUESTION?"}]
+    answer = "start " * 100 + "the very end"
+    pair = PreferencePair(long_prompt, answer, "short answer")
+    chosen, rejected = encode_pair(tokenizer, pair, max_length=64)
+    assert len(chosen) == 64 and len(rejected) < 64
+    assert chosen[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(chosen[:-1]).endswith("the very end")
+    # A short answer leaves room for the prompt's end (the last user turn), cut from the left.
+    short = PreferencePair(long_prompt, "ok", "no")
+    c, r = encode_pair(tokenizer, short, max_length=64)
+    assert len(c) == len(r) == 64 and c[:-3] == r[:-3]
+    assert "FINAL QUESTION?" in tokenizer.decode(c)
+    assert "assistant" in tokenizer.decode(c[-8:])
+
+
+def test_concatenated_batch_equals_separate_forwards(tokenizer):
+    model = _reward_model(tokenizer).eval()
+    encoded = [encode_pair(tokenizer, p, 48) for p in _toy_pairs(3)]
+    chosen, rejected = [e[0] for e in encoded], [e[1] + [13, 14, 15] for e in encoded]  # unequal lengths
+    with torch.no_grad():
+        together = model(*left_pad(chosen + rejected, tokenizer.pad_token_id))
+        alone = torch.cat([model(*left_pad([s], tokenizer.pad_token_id)) for s in chosen + rejected])
+    assert torch.allclose(together, alone, atol=1e-5)
+
+
+def test_toy_preferences_are_learned_to_full_accuracy(tokenizer, tmp_path):
+    model = _reward_model(tokenizer, num_layers=2)
+    train, held = _toy_pairs(32), _toy_pairs(12, offset=100)
+    trainer = RewardTrainer(model, tokenizer, _config(tmp_path, num_epochs=4, batch_size=8))
+    summary = trainer.train(train, held)
+    assert summary["eval_accuracy"] == 1.0 and summary["eval_mean_margin"] > 0
+    assert pairwise_accuracy(model, tokenizer, held, batch_size=4, max_length=48) == 1.0
+    # stats travel with the saved model, for PPO's reward whitening
+    saved = RewardModel.from_pretrained(tmp_path / "rm" / "reward_model", device="cpu")
+    mean, std = saved.reward_stats
+    assert std > 0 and mean == pytest.approx(summary["eval_reward_mean"])
+
+
+def test_cached_features_match_full_forward_training(tokenizer, tmp_path):
+    pairs = _toy_pairs(8)
+    results = []
+    for cache in (True, False):
+        model = _reward_model(tokenizer)
+        trainer = RewardTrainer(model, tokenizer, _config(tmp_path / str(cache), trainable_layers=2,
+                                                          cache_frozen_features=cache))
+        trainer.train(pairs)
+        top = model.model.model.layers[-1].mlp.down_proj.weight.detach().clone()
+        frozen = model.model.model.layers[0].mlp.down_proj.weight
+        assert not frozen.requires_grad
+        results.append(([h["loss"] for h in trainer.history if "loss" in h], top))
+    (loss_c, top_c), (loss_f, top_f) = results
+    assert loss_c[0] == pytest.approx(loss_f[0], abs=1e-5)
+    assert loss_c == pytest.approx(loss_f, abs=1e-4)
+    assert torch.allclose(top_c, top_f, atol=1e-5)
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tokenizer, tmp_path):
+    pairs = _toy_pairs(16)
+    config = dict(num_epochs=2, checkpoint_every=3, keep_checkpoints=10, trainable_layers=2)
+    full = _reward_model(tokenizer)
+    RewardTrainer(full, tokenizer, _config(tmp_path / "a", **config)).train(pairs)
+    resumed = _reward_model(tokenizer)
+    ckpt = checkpoint_path(tmp_path / "a" / "rm" / "checkpoints", 3)  # "crashed" after step 3 (mid-epoch 1)
+    trainer = RewardTrainer(resumed, tokenizer, _config(tmp_path / "b", **config))
+    summary = trainer.train(pairs, resume_from=ckpt)
+    assert summary["steps"] == 8
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_non_finite_steps_are_skipped_then_stop(tokenizer, tmp_path):
+    pairs = _toy_pairs(8)
+    pairs[0].label = float("nan")
+    trainer = RewardTrainer(_reward_model(tokenizer), tokenizer,
+                            _config(tmp_path / "a", batch_size=8, max_bad_steps=5, num_epochs=2))
+    assert trainer.train(pairs)["bad_steps"] == 2
+    trainer = RewardTrainer(_reward_model(tokenizer), tokenizer, _config(tmp_path / "b", batch_size=8, max_bad_steps=0))
+    with pytest.raises(RuntimeError, match="max_bad_steps"):
+        trainer.train(pairs)
+
+
+def test_truncated_backbone_saves_and_loads(tokenizer, tmp_path):
+    model = truncate_layers(_reward_model(tokenizer), 2)
+    assert len(model.model.model.layers) == 2 and model.config.num_hidden_layers == 2
+    model.save_pretrained(tmp_path / "rm", tokenizer=tokenizer)
+    again = RewardModel.from_pretrained(tmp_path / "rm", device="cpu")
+    ids, mask = left_pad([[5, 6, 7], [8, 9]], tokenizer.pad_token_id)
+    with torch.no_grad():
+        assert torch.allclose(model(ids, mask), again(ids, mask), atol=1e-6)
+
+
+def test_hh_pairs_train_end_to_end(tokenizer, tmp_path, hh_pairs_path):
+    train = load_pairs(hh_pairs_path, limit=8, split="train")
+    held = load_pairs(hh_pairs_path, limit=4, split="heldout")
+    trainer = RewardTrainer(_reward_model(tokenizer), tokenizer,
+                            _config(tmp_path, trainable_layers=1, max_length=64, log_file=str(tmp_path / "m.jsonl")))
+    summary = trainer.train(train, held)
+    assert 0.0 <= summary["eval_accuracy"] <= 1.0 and summary["eval_pairs"] == 4
+    assert (tmp_path / "m.jsonl").read_text().count("\n") >= 2
