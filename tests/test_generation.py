@@ -68,3 +68,18 @@ def test_bad_prompts_are_rejected(tiny_model, tokenizer):
     with pytest.warns(UserWarning, match="keeping its last 50"):
         out = generate(tiny_model, tokenizer, [long], GenerationConfig(max_prompt_tokens=50, max_new_tokens=2))
     assert out.prompt_ids.shape[1] == 50
+
+
+def test_many_prompts_are_batched_by_length_and_returned_in_order(tiny_model, tokenizer):
+    # 5 prompts, batch 2: generation sorts them by length, the result must come back in input order
+    prompts = ["Hi", "word " * 40, "Tell me a story about a dog.", "word " * 20, "Why?"]
+    cfg = GenerationConfig(max_new_tokens=4, do_sample=False, batch_size=2)
+    out = generate(tiny_model, tokenizer, prompts, cfg, return_logprobs=True)
+    for i, prompt in enumerate(prompts):
+        single = generate(tiny_model, tokenizer, [prompt], cfg, return_logprobs=True)
+        n = int(single.response_mask.sum())
+        assert out.prompt_texts[i] == single.prompt_texts[0]
+        assert torch.equal(out.response_ids[i, :n], single.response_ids[0, :n]), i
+        torch.testing.assert_close(out.logprobs[i, :n], single.logprobs[0, :n], atol=1e-4, rtol=1e-4)
+        m = int(single.prompt_mask.sum())
+        assert torch.equal(out.prompt_ids[i][out.prompt_mask[i].bool()], single.prompt_ids[0, -m:])

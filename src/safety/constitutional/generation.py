@@ -104,8 +104,8 @@ def render_prompt(tokenizer, prompt: Prompt, system_prompt: Optional[str] = None
     return text + "Assistant:"
 
 
-def tokenize_prompts(tokenizer, prompts: Sequence[Prompt], config: GenerationConfig, device=None):
-    """Left-padded prompt batch; over-long prompts lose their start (with a warning) or raise."""
+def encode_prompts(tokenizer, prompts: Sequence[Prompt], config: GenerationConfig):
+    """Chat-templated token ids per prompt (unpadded); over-long prompts lose their start or raise."""
     if len(prompts) == 0:
         raise ValueError("the prompt list is empty: give at least one prompt")
     texts = [render_prompt(tokenizer, p, config.system_prompt) for p in prompts]
@@ -118,15 +118,26 @@ def tokenize_prompts(tokenizer, prompts: Sequence[Prompt], config: GenerationCon
                                  "shorten it, raise the limit, or allow truncation")
             warnings.warn(f"prompt {i} has {len(ids)} tokens; keeping its last {limit} (max_prompt_tokens)")
             encoded[i] = ids[-limit:]
+    return encoded, texts
+
+
+def left_pad(encoded: Sequence[List[int]], pad_token_id: int, device=None):
+    """(ids, mask), each (batch, longest), padded on the left so every row ends at the last column."""
     width = max(len(ids) for ids in encoded)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    input_ids = torch.full((len(encoded), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(encoded), width), dtype=torch.long)
     for i, ids in enumerate(encoded):
         if ids:
             input_ids[i, width - len(ids):] = torch.tensor(ids)
             mask[i, width - len(ids):] = 1
-    return input_ids.to(device), mask.to(device), texts
+    return input_ids.to(device), mask.to(device)
+
+
+def tokenize_prompts(tokenizer, prompts: Sequence[Prompt], config: GenerationConfig, device=None):
+    """Left-padded prompt batch; over-long prompts lose their start (with a warning) or raise."""
+    encoded, texts = encode_prompts(tokenizer, prompts, config)
+    input_ids, mask = left_pad(encoded, tokenizer.pad_token_id, device)
+    return input_ids, mask, texts
 
 
 def _response_mask(response_ids: torch.Tensor, eos_ids: List[int]):
@@ -178,13 +189,20 @@ def generate(
         raise ValueError("the prompt list is empty: give at least one prompt")
     device = next(model.parameters()).device
     eos_ids = eos_token_ids(model, tokenizer)
+    encoded, all_texts = encode_prompts(tokenizer, prompts, config)
+    # More prompts than one batch: batch them by length so each batch pads (and attends) over
+    # little more than its own prompts, then restore the caller's order. One batch: order kept.
+    order = list(range(len(prompts)))
+    if len(prompts) > config.batch_size:
+        order.sort(key=lambda i: len(encoded[i]))
     was_training = model.training
     model.eval()
     chunks = []
     starts = range(0, len(prompts), config.batch_size)
     for start in tqdm(starts, desc=desc, disable=not show_progress or len(starts) < 2, leave=False):
-        batch = prompts[start:start + config.batch_size]
-        p_ids, p_mask, p_texts = tokenize_prompts(tokenizer, batch, config, device)
+        idx = order[start:start + config.batch_size]
+        p_ids, p_mask = left_pad([encoded[i] for i in idx], tokenizer.pad_token_id, device)
+        p_texts = [all_texts[i] for i in idx]
         r_ids = _generate_batch(model, tokenizer, p_ids, p_mask, config, eos_ids)
         r_mask, finished = _response_mask(r_ids, eos_ids)
         r_ids = torch.where(r_mask.bool(), r_ids, tokenizer.pad_token_id)
@@ -198,7 +216,26 @@ def generate(
         chunks.append((p_ids, p_mask, r_ids, r_mask, finished, logprobs, p_texts))
     if was_training:
         model.train()
-    return _merge(chunks, tokenizer)
+    merged = _merge(chunks, tokenizer)
+    if order != sorted(order):
+        merged = _select(merged, _inverse(order))
+    return merged
+
+
+def _inverse(order: List[int]) -> List[int]:
+    inverse = [0] * len(order)
+    for position, i in enumerate(order):
+        inverse[i] = position
+    return inverse
+
+
+def _select(out: GenerationOutput, rows: List[int]) -> GenerationOutput:
+    """The rows `rows` of `out`, in that order."""
+    index = torch.tensor(rows, device=out.prompt_ids.device)
+    pick = lambda t: None if t is None else t.index_select(0, index.to(t.device))  # noqa: E731
+    return GenerationOutput(pick(out.prompt_ids), pick(out.prompt_mask), pick(out.response_ids),
+                            pick(out.response_mask), [out.texts[i] for i in rows], pick(out.finished),
+                            pick(out.logprobs), [out.prompt_texts[i] for i in rows])
 
 
 def _pad_to(t: torch.Tensor, width: int, value, left: bool) -> torch.Tensor:

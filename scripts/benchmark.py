@@ -1,0 +1,752 @@
+#!/usr/bin/env python
+"""Throughput of every stage, measured, and (with --trl) against TRL's trainers in the same run.
+
+    python scripts/benchmark.py                      # all sections, the default model, ours only
+    python scripts/benchmark.py --trl                # also TRL's trainers, interleaved A/B/A/B
+    python scripts/benchmark.py --only generation --model path/to/model --output bench.jsonl
+
+Prints one JSON line per measurement. Sections are independent: one that fails prints
+{"section": ..., "error": ...} and the rest still run.
+
+What is measured (medians over --repeats; ours and TRL alternate run by run so that other load on
+the machine hits both alike):
+  matmul      attainable fp32/bf16 matmul FLOP/s on this machine with these threads
+  generation  answer tokens/s at batch 1 and 8 (`generation.generate`, KV cache, greedy)
+  reward      reward-model training pairs/s at max length 256 (ours vs trl.RewardTrainer)
+  sft         SFT tokens/s (ours vs trl.SFTTrainer)
+  ppo         seconds for one PPO iteration: batch 8, answers up to 48 tokens, 4 PPO epochs
+              (ours vs TRL's nearest on-policy trainer: TRL 1.16 has no PPOTrainer, see below)
+Each line carries the peak memory of its run (RSS on CPU, torch.cuda.max_memory_allocated on GPU)
+and `mfu`: achieved model FLOP/s over the measured matmul rate, with FLOPs per token 2N forward and
+6N forward+backward, N counting every matmul weight including the LM head (not the embedding lookup).
+
+TRL's PPOTrainer was deleted in TRL 1.16 (huggingface/trl#7020; it had lived in trl.experimental.ppo
+since 1.10). If `trl.experimental.ppo` is importable it is used; otherwise the comparison runs TRL's
+RLOOTrainer, the closest on-policy trainer it still ships: the same rollout (HF generate, batch 8,
+48 tokens), reference and reward model forwards, and 4 policy updates on that batch (num_iterations=4).
+It trains no value model, so it does strictly less work than our PPO iteration.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import fields
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+from src.models import configure_threads, load_causal_lm, load_tokenizer, resolve_device, resolve_model_path  # noqa: E402
+from src.models.heads import RewardModel  # noqa: E402
+
+SECTIONS = ("matmul", "generation", "reward", "sft", "ppo")
+PAIRS_PATH = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz"
+
+# Fixed prompts: the same work every run, varied lengths so that padding is realistic.
+PROMPTS = [
+    "Explain how a bicycle works.",
+    "Write a short story about a cat who learns to swim.",
+    "What is photosynthesis?",
+    "Describe the water cycle to a ten-year-old, step by step.",
+    "How do I bake bread at home?",
+    "Why is the sky blue?",
+    "Tell me about the Roman empire and why it fell.",
+    "What makes a good friend?",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# measurement helpers
+# --------------------------------------------------------------------------------------------------
+
+class PeakMemory:
+    """Peak memory of a block: CUDA allocator peak, or RSS high-water mark reset via /proc (Linux).
+
+    Resetting VmHWM (writing 5 to /proc/self/clear_refs) makes the figure per block, not per process;
+    where that is unavailable the process-wide peak from `resource` is reported instead.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_mb = None
+        self.kind = None
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                self.kind = "rss_peak"
+            except OSError:
+                self.kind = "rss_peak_process"
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+            self.kind = "cuda_max_allocated"
+        else:
+            self.peak_mb = _rss_peak_mb()
+        return False
+
+
+def _rss_peak_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> dict:
+    """Best sustained matmul rate over a few shapes (square, and the model's (tokens, d) x (d, 4d))."""
+    best, per_cpu = {}, {}
+    shapes = [(1024, 1024, 1024), (2048, 2048, 2048), (512, 576, 1536)] if device.type == "cpu" else \
+        [(4096, 4096, 4096), (8192, 8192, 8192)]
+    for m, k, n in shapes:
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
+        for _ in range(2):
+            a @ b
+        sync(device)
+        count, t0, c0 = 0, time.perf_counter(), time.process_time()
+        while time.perf_counter() - t0 < seconds / len(shapes):
+            a @ b
+            count += 1
+        sync(device)
+        flop = 2 * m * k * n * count
+        best[f"{m}x{k}x{n}"] = flop / (time.perf_counter() - t0)
+        per_cpu[f"{m}x{k}x{n}"] = flop / max(time.process_time() - c0, 1e-9)
+    return {"flops": max(best.values()), "flops_per_cpu_s": max(per_cpu.values()),
+            "by_shape": {k: round(v / 1e9, 2) for k, v in best.items()}}
+
+
+def matmul_params(model) -> int:
+    """N for FLOPs/token: every weight a token's activations are multiplied by.
+
+    The input embedding is a lookup (no FLOPs), the LM head is a matmul: with tied embeddings the
+    same tensor counts once, as the head. A scalar-head model has no LM head: its embedding is dropped.
+    """
+    total = sum(p.numel() for p in model.parameters())
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    emb = get_in() if get_in else None
+    head = get_out() if get_out else None
+    if emb is None:
+        return total
+    if head is not None and head.weight.data_ptr() == emb.weight.data_ptr():
+        return total  # tied: the one matrix is used as the head
+    return total - emb.weight.numel()
+
+
+def median(xs):
+    return statistics.median(xs) if xs else None
+
+
+class Emitter:
+    def __init__(self, output: str | None):
+        self.file = open(output, "a") if output else None
+
+    def __call__(self, record: dict) -> None:
+        line = json.dumps(record, default=_jsonable)
+        print(line, flush=True)
+        if self.file:
+            self.file.write(line + "\n")
+            self.file.flush()
+
+
+def _jsonable(x):
+    if isinstance(x, float):
+        return round(x, 4)
+    return str(x)
+
+
+def _round(d: dict) -> dict:
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}
+
+
+def make_config(cls, **kwargs):
+    """A config dataclass from the keyword arguments it has (our trainers' fields may evolve)."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in kwargs.items() if k in names})
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence the trainers' progress bars and HF's chatter while timing."""
+    import logging
+    import warnings
+    prev = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+    except Exception:  # noqa: BLE001
+        hf_logging = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            logging.disable(prev)
+            if hf_logging is not None:
+                hf_logging.set_verbosity(hf_level)
+
+
+# --------------------------------------------------------------------------------------------------
+# context shared by the sections
+# --------------------------------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.device = resolve_device(args.device)
+        self.threads = configure_threads(args.threads) if self.device.type == "cpu" else torch.get_num_threads()
+        self.model_path = resolve_model_path(args.model)
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        self.tokenizer = load_tokenizer(self.model_path)
+        self.peak_flops = self.peak_flops_cpu = None
+        self.tmp = Path(tempfile.mkdtemp(prefix="cai-bench-"))
+        self.small = args.small
+
+    def policy(self):
+        model, _ = load_causal_lm(self.model_path, device=self.device, dtype=self.dtype)
+        return model
+
+    def reward_model(self):
+        return RewardModel.from_causal_lm(self.model_path, device=self.device, dtype=self.dtype,
+                                          pad_token_id=self.tokenizer.pad_token_id)
+
+    def mfu(self, flops_per_s: float, per_cpu: bool = False):
+        """Fraction of the measured matmul rate; `per_cpu`: both rates per CPU-second of this process
+        (robust to other load on the machine, which stretches wall time but not CPU time)."""
+        peak = self.peak_flops_cpu if per_cpu else self.peak_flops
+        return None if not peak else flops_per_s / peak
+
+    def pairs(self, n: int, max_length: int):
+        """The first `n` training pairs whose chosen and rejected transcripts both fit in `max_length`.
+
+        TRL's RewardTrainer drops over-long pairs while ours truncates them; pairs that fit make the
+        two do the same work.
+        """
+        from src.safety.constitutional.hh_rlhf import PreferencePair, load_pairs
+        pool = load_pairs(PAIRS_PATH, split="train") if PAIRS_PATH.exists() else []
+        chosen = []
+        for p in pool:
+            if len(chosen) == n:
+                break
+            if max(self.pair_lengths(p)) <= max_length:
+                chosen.append(p)
+        # synthetic fallback (the benchmark must run without the shared data)
+        while len(chosen) < n:
+            i = len(chosen)
+            chosen.append(PreferencePair([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                                         "I can help with that. " * (max_length // 12), "No. " * 10))
+        return chosen
+
+    def pair_lengths(self, pair):
+        return [len(self.tokenizer.apply_chat_template(
+            pair.prompt + [{"role": "assistant", "content": answer}], tokenize=True, return_dict=False))
+            for answer in (pair.chosen, pair.rejected)]
+
+    def interleave(self, runners: dict, repeats: int):
+        """Run each implementation `repeats` times in alternation: A B A B ... Returns name -> [results]."""
+        results = {name: [] for name in runners}
+        for _ in range(repeats):
+            for name, fn in runners.items():
+                gc.collect()
+                results[name].append(fn())
+        return results
+
+
+# --------------------------------------------------------------------------------------------------
+# sections
+# --------------------------------------------------------------------------------------------------
+
+def section_matmul(b: Bench):
+    rate = matmul_flops(b.device, b.dtype, seconds=0.3 if b.small else 1.5)
+    b.peak_flops, b.peak_flops_cpu = rate["flops"], rate["flops_per_cpu_s"]
+    yield {"section": "matmul", "dtype": str(b.dtype).replace("torch.", ""), "threads": b.threads,
+           "gflops": rate["flops"] / 1e9, "gflops_per_cpu_s": rate["flops_per_cpu_s"] / 1e9,
+           "by_shape_gflops": rate["by_shape"]}
+
+
+def section_generation(b: Bench):
+    from src.safety.constitutional.generation import GenerationConfig, generate
+
+    model = b.policy()
+    model.eval()
+    n_params = matmul_params(model)
+    new_tokens = 16 if b.small else 64
+    for batch in (1, 8):
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+        cfg = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, batch_size=batch)
+        generate(model, b.tokenizer, prompts, GenerationConfig(max_new_tokens=2, do_sample=False,
+                                                               batch_size=batch))  # warm-up
+        runs, mem = [], None
+        for _ in range(b.args.repeats):
+            with PeakMemory(b.device) as pm:
+                sync(b.device)
+                t0, c0 = time.perf_counter(), time.process_time()
+                out = generate(model, b.tokenizer, prompts, cfg)
+                sync(b.device)
+                dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+            tokens = int(out.response_mask.sum())
+            runs.append((tokens / dt, tokens, dt, tokens / cpu))
+            mem = max(mem or 0, pm.peak_mb)
+        tps = median([r[0] for r in runs])
+        yield _round({"section": "generation", "impl": "ours", "batch": batch, "max_new_tokens": new_tokens,
+                      "tokens_per_s": tps, "answer_tokens": runs[0][1], "seconds_median": median([r[2] for r in runs]),
+                      "runs_tokens_per_s": [round(r[0], 2) for r in runs], "peak_mem_mb": mem,
+                      "tokens_per_cpu_s": median([r[3] for r in runs]),
+                      "params_for_flops": n_params, "mfu": b.mfu(tps * 2 * n_params),
+                      "mfu_cpu_time": b.mfu(median([r[3] for r in runs]) * 2 * n_params, per_cpu=True)})
+
+
+# .. reward model ..................................................................................
+
+def _reward_workload(b: Bench):
+    batch = 8
+    steps = 1 if b.small else 2
+    max_length = 64 if b.small else 256
+    return batch, steps, max_length, b.pairs(batch * steps, max_length)
+
+
+def _our_reward(b: Bench, pairs, batch, max_length):
+    from src.safety.constitutional.reward_training import RewardTrainer, RewardTrainerConfig
+
+    rm = b.reward_model()
+    cfg = make_config(RewardTrainerConfig, output_dir=str(b.tmp / "rm"), num_epochs=1, batch_size=batch,
+                      learning_rate=1e-5, max_length=max_length, eval_fraction=0.0, show_progress=False,
+                      warmup_ratio=0.0, log_every=10**9)
+    if b.args.gradient_checkpointing:  # RewardTrainerConfig has no switch: set it on the model
+        rm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainer = RewardTrainer(rm, b.tokenizer, cfg)
+    # checkpoint writes are I/O, not training: left out on both sides (TRL runs with save_strategy="no")
+    trainer.save_checkpoint = lambda *a, **k: None
+    trainer.save_final = lambda *a, **k: None
+    with PeakMemory(b.device) as pm, quiet():
+        sync(b.device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        trainer.train(pairs)
+        sync(b.device)
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    tokens = _pair_tokens(b, pairs, max_length)
+    n = matmul_params(rm.model)
+    del trainer, rm
+    return {"seconds": dt, "cpu_seconds": cpu, "peak_mem_mb": pm.peak_mb, "tokens": tokens, "n_params": n}
+
+
+def _pair_tokens(b: Bench, pairs, max_length):
+    total = 0
+    for p in pairs:
+        for answer in (p.chosen, p.rejected):
+            text = b.tokenizer.apply_chat_template(p.prompt + [{"role": "assistant", "content": answer}],
+                                                   tokenize=False)
+            total += min(max_length, len(b.tokenizer(text, add_special_tokens=False)["input_ids"]))
+    return total
+
+
+class _Timer:
+    """A TrainerCallback timing train begin -> end (TRL/HF Trainer's own setup is excluded)."""
+
+    def __new__(cls, device):
+        from transformers import TrainerCallback
+
+        class Timer(TrainerCallback):
+            def __init__(self):
+                self.t0 = self.t1 = None
+
+            def on_train_begin(self, args, state, control, **kw):
+                sync(device)
+                self.t0, self.c0 = time.perf_counter(), time.process_time()
+
+            def on_train_end(self, args, state, control, **kw):
+                sync(device)
+                self.t1, self.c1 = time.perf_counter(), time.process_time()
+
+            @property
+            def seconds(self):
+                return self.t1 - self.t0
+
+            @property
+            def cpu_seconds(self):
+                return self.c1 - self.c0
+
+        return Timer()
+
+
+def _trl_common(b: Bench, batch: int, steps: int, name: str) -> dict:
+    return dict(output_dir=str(b.tmp / name), per_device_train_batch_size=batch, gradient_accumulation_steps=1,
+                max_steps=steps, learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0,
+                logging_steps=10**6, save_strategy="no", report_to="none", disable_tqdm=True,
+                use_cpu=b.device.type == "cpu", bf16=b.dtype == torch.bfloat16, seed=0,
+                dataloader_num_workers=0, max_grad_norm=1.0,
+                # TRL's configs default to gradient checkpointing (~1/3 more compute, less memory);
+                # ours default to off. Equivalent settings: off on both sides.
+                gradient_checkpointing=b.args.gradient_checkpointing)
+
+
+def _trl_reward(b: Bench, pairs, batch, max_length):
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    rm = b.reward_model().model  # the plain AutoModelForSequenceClassification
+    data = Dataset.from_list([{"chosen": p.prompt + [{"role": "assistant", "content": p.chosen}],
+                               "rejected": p.prompt + [{"role": "assistant", "content": p.rejected}]}
+                              for p in pairs])
+    steps = len(pairs) // batch
+    args = RewardConfig(**_trl_common(b, batch, steps, "trl-rm"), max_length=max_length)
+    timer = _Timer(b.device)
+    with quiet():
+        trainer = RewardTrainer(model=rm, args=args, train_dataset=data, processing_class=b.tokenizer,
+                                callbacks=[timer])
+        with PeakMemory(b.device) as pm:
+            trainer.train()
+    tokens = _pair_tokens(b, pairs, max_length)
+    del trainer, rm
+    return {"seconds": timer.seconds, "cpu_seconds": timer.cpu_seconds, "peak_mem_mb": pm.peak_mb, "tokens": tokens,
+            "n_params": None}
+
+
+def _report_training(b, section, results, unit_count, unit_name, flops_per_token_mult, extra):
+    lines = []
+    for impl, runs in results.items():
+        secs = [r["seconds"] for r in runs]
+        med = median(secs)
+        tokens = runs[0]["tokens"]
+        n = runs[0].get("n_params") or results[next(iter(results))][0]["n_params"]
+        cpu = median([r["cpu_seconds"] for r in runs])
+        rec = {"section": section, "impl": impl, f"{unit_name}_per_s": unit_count / med, "seconds_median": med,
+               "cpu_seconds_median": cpu, "runs_seconds": [round(s, 3) for s in secs], "tokens": tokens,
+               "tokens_per_s": tokens / med, "peak_mem_mb": max(r["peak_mem_mb"] for r in runs),
+               "mfu": b.mfu(flops_per_token_mult * n * tokens / med) if n else None,
+               "mfu_cpu_time": b.mfu(flops_per_token_mult * n * tokens / cpu, per_cpu=True) if n else None, **extra}
+        lines.append(_round(rec))
+    if "ours" in results and len(results) > 1:
+        for other in results:
+            if other != "ours":
+                lines.append(_round({"section": section, "impl": f"speedup_vs_{other}",
+                                     **_speedups(results[other], results["ours"])}))
+    return lines
+
+
+def _speedups(theirs, ours) -> dict:
+    """Median wall seconds theirs/ours, per-pair ratios (runs were interleaved), and the CPU-time ratio."""
+    pairs = [t["seconds"] / o["seconds"] for t, o in zip(theirs, ours)]
+    return {"speedup": median([r["seconds"] for r in theirs]) / median([r["seconds"] for r in ours]),
+            "speedup_per_pair": [round(x, 3) for x in pairs],
+            "speedup_cpu_time": median([r["cpu_seconds"] for r in theirs]) / median([r["cpu_seconds"] for r in ours]),
+            "note": "theirs / ours: median seconds of runs interleaved A/B/A/B; cpu_time: process CPU seconds"}
+
+
+def _safe(fn, errors: dict, name: str):
+    """One implementation failing must not stop the other: record the error, return None."""
+    def run():
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001
+            errors.setdefault(name, f"{type(exc).__name__}: {exc}")
+            if b_verbose():
+                traceback.print_exc()
+            return None
+    return run
+
+
+_VERBOSE = False
+
+
+def b_verbose():
+    return _VERBOSE
+
+
+def _run_pair(b: Bench, section: str, ours, trl):
+    errors: dict = {}
+    runners = {}
+    if not b.args.trl_only:
+        runners["ours"] = _safe(ours, errors, "ours")
+    if b.args.trl and trl is not None:
+        runners["trl"] = _safe(trl, errors, "trl")
+    results = b.interleave(runners, b.args.repeats)
+    results = {k: [r for r in v if r is not None] for k, v in results.items()}
+    results = {k: v for k, v in results.items() if v}
+    err_lines = [{"section": section, "impl": k, "error": v} for k, v in errors.items()]
+    return results, err_lines
+
+
+def section_reward(b: Bench):
+    batch, steps, max_length, pairs = _reward_workload(b)
+    results, errs = _run_pair(b, "reward",
+                              lambda: _our_reward(b, pairs, batch, max_length),
+                              lambda: _trl_reward(b, pairs, batch, max_length))
+    yield from errs
+    yield from _report_training(b, "reward", results, len(pairs), "pairs", 6,
+                                {"batch_pairs": batch, "steps": steps, "max_length": max_length})
+
+
+# .. SFT ...........................................................................................
+
+def _sft_workload(b: Bench):
+    batch = 8
+    steps = 1 if b.small else 2
+    max_length = 64 if b.small else 256
+    pairs = b.pairs(batch * steps, max_length)
+    records = [{"prompt": p.prompt, "response": p.chosen} for p in pairs]
+    return batch, steps, max_length, records
+
+
+def _sft_tokens(b: Bench, records, max_length):
+    total = 0
+    for r in records:
+        text = b.tokenizer.apply_chat_template(list(r["prompt"]) + [{"role": "assistant", "content": r["response"]}],
+                                               tokenize=False)
+        total += min(max_length, len(b.tokenizer(text, add_special_tokens=False)["input_ids"]))
+    return total
+
+
+def _our_sft(b: Bench, records, batch, max_length):
+    from src.safety.constitutional.sft import SFTConfig, SFTTrainer
+
+    model = b.policy()
+    cfg = make_config(SFTConfig, output_dir=str(b.tmp / "sft"), num_epochs=1, batch_size=batch,
+                      learning_rate=1e-5, lr_schedule="constant", warmup_ratio=0.0, max_seq_len=max_length,
+                      eval_fraction=0.0, show_progress=False, gradient_checkpointing=b.args.gradient_checkpointing)
+    trainer = SFTTrainer(model, b.tokenizer, cfg)
+    trainer._save = lambda *a, **k: b.tmp / "sft-not-saved"  # I/O left out, as on the TRL side
+    with PeakMemory(b.device) as pm, quiet():
+        sync(b.device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        trainer.train(records, eval_records=[])
+        sync(b.device)
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    n = matmul_params(model)
+    del trainer, model
+    return {"seconds": dt, "cpu_seconds": cpu, "peak_mem_mb": pm.peak_mb, "tokens": _sft_tokens(b, records, max_length), "n_params": n}
+
+
+def _trl_sft(b: Bench, records, batch, max_length):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    model = b.policy()
+    data = Dataset.from_list([{"prompt": list(r["prompt"]),
+                               "completion": [{"role": "assistant", "content": r["response"]}]} for r in records])
+    steps = len(records) // batch
+    args = SFTConfig(**_trl_common(b, batch, steps, "trl-sft"), max_length=max_length, packing=False)
+    timer = _Timer(b.device)
+    with quiet():
+        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=b.tokenizer,
+                             callbacks=[timer])
+        with PeakMemory(b.device) as pm:
+            trainer.train()
+    n = matmul_params(model)
+    del trainer, model
+    return {"seconds": timer.seconds, "cpu_seconds": timer.cpu_seconds, "peak_mem_mb": pm.peak_mb, "tokens": _sft_tokens(b, records, max_length),
+            "n_params": n}
+
+
+def section_sft(b: Bench):
+    batch, steps, max_length, records = _sft_workload(b)
+    results, errs = _run_pair(b, "sft",
+                              lambda: _our_sft(b, records, batch, max_length),
+                              lambda: _trl_sft(b, records, batch, max_length))
+    yield from errs
+    yield from _report_training(b, "sft", results, len(records), "examples", 6,
+                                {"batch": batch, "steps": steps, "max_length": max_length})
+
+
+# .. PPO ...........................................................................................
+
+PPO_BATCH, PPO_ANSWER, PPO_EPOCHS, PPO_TEMPERATURE = 8, 48, 4, 1.0
+
+
+def _our_ppo(b: Bench, prompts, answer_len):
+    from src.safety.constitutional.ppo_trainer import PPOConfig, PPOTrainer
+
+    policy = b.policy()
+    rm = b.reward_model()
+    cfg = make_config(PPOConfig, learning_rate=1e-5, kl_penalty=0.05, reward_normalization="none",
+                      gradient_checkpointing=b.args.gradient_checkpointing)
+    trainer = PPOTrainer(policy, None, rm, b.tokenizer, b.device, config=cfg)
+    torch.manual_seed(0)
+    with PeakMemory(b.device) as pm, quiet():
+        sync(b.device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        stats = trainer.train_step(prompts, num_epochs_per_batch=PPO_EPOCHS, max_length=answer_len,
+                                   temperature=PPO_TEMPERATURE)
+        sync(b.device)
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    answer_tokens = stats.get("response_length_mean") if isinstance(stats, dict) else None
+    del trainer, policy, rm
+    return {"seconds": dt, "cpu_seconds": cpu, "peak_mem_mb": pm.peak_mb, "answer_tokens_mean": answer_tokens}
+
+
+def _trl_ppo(b: Bench, prompts, answer_len):
+    from datasets import Dataset
+
+    try:  # TRL < 1.16 kept PPO under trl.experimental.ppo
+        from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: F401
+        raise NotImplementedError("trl.experimental.ppo is present: wire it here")  # pragma: no cover
+    except ImportError:
+        pass
+    from trl import RLOOConfig, RLOOTrainer
+
+    policy = b.policy()
+    rm = b.reward_model().model
+    # RLOO needs >= 2 samples per prompt: 4 prompts x 2 = the 8 rollouts of one PPO batch.
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in prompts[:PPO_BATCH // 2]])
+    common = _trl_common(b, PPO_BATCH, PPO_EPOCHS, "trl-rloo")
+    args = RLOOConfig(**common, num_generations=2, max_completion_length=answer_len, temperature=PPO_TEMPERATURE,
+                      num_iterations=PPO_EPOCHS, steps_per_generation=1, beta=0.05, top_k=0, top_p=1.0)
+    timer = _Timer(b.device)
+    with quiet():
+        trainer = RLOOTrainer(model=policy, reward_funcs=rm, args=args, train_dataset=data,
+                              processing_class=b.tokenizer, reward_processing_classes=b.tokenizer,
+                              callbacks=[timer])
+        torch.manual_seed(0)
+        with PeakMemory(b.device) as pm:
+            trainer.train()
+    del trainer, policy, rm
+    return {"seconds": timer.seconds, "cpu_seconds": timer.cpu_seconds, "peak_mem_mb": pm.peak_mb, "trl_trainer": "RLOOTrainer"}
+
+
+def section_ppo(b: Bench):
+    answer_len = 8 if b.small else PPO_ANSWER
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(PPO_BATCH)]
+    results, errs = _run_pair(b, "ppo", lambda: _our_ppo(b, prompts, answer_len),
+                              lambda: _trl_ppo(b, prompts, answer_len))
+    yield from errs
+    for impl, runs in results.items():
+        secs = [r["seconds"] for r in runs]
+        rec = {"section": "ppo", "impl": impl, "seconds_median": median(secs),
+               "cpu_seconds_median": median([r["cpu_seconds"] for r in runs]), "runs_seconds": [round(s, 3) for s in secs],
+               "batch": PPO_BATCH, "answer_tokens_max": answer_len, "ppo_epochs": PPO_EPOCHS,
+               "peak_mem_mb": max(r["peak_mem_mb"] for r in runs)}
+        if impl == "trl":
+            rec["trl_trainer"] = runs[0]["trl_trainer"]
+        else:
+            rec["answer_tokens_mean"] = runs[0].get("answer_tokens_mean")
+        yield _round(rec)
+    if "ours" in results and "trl" in results:
+        yield _round({"section": "ppo", "impl": "speedup_vs_trl", **_speedups(results["trl"], results["ours"])})
+
+
+SECTION_FNS = {"matmul": section_matmul, "generation": section_generation, "reward": section_reward,
+               "sft": section_sft, "ppo": section_ppo}
+
+
+# --------------------------------------------------------------------------------------------------
+
+def machine_info(b: Bench) -> dict:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {"section": "machine", "cpu": cpu, "logical_cpus": os.cpu_count(), "torch": torch.__version__,
+            "threads": b.threads, "device": str(b.device), "dtype": str(b.dtype).replace("torch.", ""),
+            "model": str(b.model_path), "repeats": b.args.repeats}
+    if hasattr(os, "getloadavg"):
+        info["load_avg_1m"] = round(os.getloadavg()[0], 2)
+    if b.device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(b.device)
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+        import trl
+        info["trl"] = trl.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default=",".join(SECTIONS),
+                   help=f"comma-separated sections out of {','.join(SECTIONS)} (matmul always runs first)")
+    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local HF model dir")
+    p.add_argument("--trl", action="store_true", help="also run TRL's trainers (pip install -r requirements-bench.txt)")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="runs per measurement, ours and TRL alternating; the median is reported")
+    p.add_argument("--output", default=None, help="also append the JSON lines to this file")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: configure_threads())")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--trl-only", action="store_true", help="run only TRL's side of the comparisons (implies --trl)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="turn gradient checkpointing on in both ours and TRL's trainers (default: off in both)")
+    p.add_argument("--small", action="store_true", help="tiny workloads (for tests and quick checks)")
+    p.add_argument("--verbose", action="store_true", help="print tracebacks of failing sections")
+    args = p.parse_args(argv)
+    args.only = [s.strip() for s in args.only.split(",") if s.strip()]
+    args.trl = args.trl or args.trl_only
+    unknown = sorted(set(args.only) - set(SECTIONS))
+    if unknown:
+        p.error(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    global _VERBOSE
+    args = parse_args(argv)
+    _VERBOSE = args.verbose
+    emit = Emitter(args.output)
+    b = Bench(args)
+    if args.trl:
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            emit({"section": "trl", "error": "trl is not installed: pip install -r requirements-bench.txt"})
+            args.trl = False
+    emit(machine_info(b))
+    sections = ["matmul"] + [s for s in args.only if s != "matmul"]
+    failed = 0
+    for name in sections:
+        t0 = time.perf_counter()
+        try:
+            for record in SECTION_FNS[name](b):
+                emit(record)
+        except Exception as exc:  # noqa: BLE001 - one section failing must not stop the others
+            failed += 1
+            if args.verbose:
+                traceback.print_exc()
+            emit({"section": name, "error": f"{type(exc).__name__}: {exc}"})
+        if args.verbose:
+            print(f"# {name}: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return 1 if failed == len(sections) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""The benchmark runs and prints well-formed JSON lines (no timing assertions: timings are the point)."""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import benchmark  # noqa: E402
+
+
+def test_generation_section_prints_expected_fields_and_a_failing_section_is_isolated(
+        tiny_model_dir, tmp_path, monkeypatch, capsys):
+    def broken_section(b):
+        raise RuntimeError("broken on purpose")
+        yield  # pragma: no cover
+
+    monkeypatch.setitem(benchmark.SECTION_FNS, "reward", broken_section)
+    out_file = tmp_path / "bench.jsonl"
+    threads = torch.get_num_threads()
+    try:
+        code = benchmark.main(["--only", "reward,generation", "--model", str(tiny_model_dir), "--small",
+                               "--repeats", "1", "--threads", "1", "--output", str(out_file)])
+    finally:
+        torch.set_num_threads(threads)  # main() configures threads for the whole process
+    assert code == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [json.loads(line) for line in out_file.read_text().splitlines()] == lines
+
+    # the broken section reports its error; the others still run
+    assert {"section": "reward", "error": "RuntimeError: broken on purpose"} in lines
+    by_section = {}
+    for line in lines:
+        by_section.setdefault(line["section"], []).append(line)
+    assert set(by_section) == {"machine", "matmul", "generation", "reward"}
+    assert by_section["machine"][0]["threads"] == 1
+    assert by_section["matmul"][0]["gflops"] > 0
+    gen = by_section["generation"]
+    assert sorted(g["batch"] for g in gen) == [1, 8]
+    for g in gen:
+        for key in ("tokens_per_s", "tokens_per_cpu_s", "seconds_median", "peak_mem_mb", "mfu", "mfu_cpu_time",
+                    "params_for_flops"):
+            assert g[key] > 0, (key, g)
+        assert g["answer_tokens"] >= g["batch"]
+
+
+def test_unknown_section_is_rejected(capsys):
+    import pytest
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--only", "generation,warp-drive"])
+    assert "warp-drive" in capsys.readouterr().err
