@@ -1,0 +1,429 @@
+"""Supervised fine-tuning on (prompt, answer) pairs: the critique-revision stage's training step.
+
+The loss is the causal-LM loss on the answer tokens only. Each example is tokenised exactly the way
+`generation.generate` sees it at inference time: the chat-template prompt (`render_prompt`, ending
+with the assistant header) followed by the answer and the end-of-turn token, so the model learns to
+stop where generation stops.
+
+    tokens:  <prompt ......................><answer ........><eot>  <pad ...>
+    labels:  -100 ......................... answer ids ...... eot   -100 ...
+
+Batches are length-bucketed (shuffle, cut into chunks of `bucket_batches` batches, sort each chunk
+by length) and padded per batch, so little compute goes to padding. The data order of every epoch
+is a pure function of (seed, epoch), and the checkpoint stores the epoch and position within it,
+so a resumed run sees exactly the batches the uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
+from .generation import render_prompt
+from .io import append_jsonl
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+MODEL_NAME = "policy"  # sub-folder of each checkpoint holding the fine-tuned model
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning settings (one optimiser step = `batch_size * grad_accum_steps` examples)."""
+
+    output_dir: str = "runs/sft"
+    num_epochs: int = 2
+    batch_size: int = 8
+    grad_accum_steps: int = 1
+    learning_rate: float = 5e-5       # 135M model, a few dozen examples: 1e-5 barely moves it in 2 epochs
+    lr_schedule: str = "cosine"       # after warm-up: "cosine" or "linear" decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.1
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    adam_betas: tuple = (0.9, 0.999)
+    max_grad_norm: float = 1.0        # <= 0 disables clipping (the norm is still measured)
+    max_seq_len: int = 512
+    eval_fraction: float = 0.1        # held out of train_records when no eval_records are given
+    eval_batch_size: int = 16
+    bucket_batches: int = 8           # length-sort within shuffled chunks of this many batches
+    checkpoint_every: int = 0         # optimiser steps; 0 = only the final checkpoint
+    keep_last: int = 2
+    seed: int = 0
+    max_bad_steps: int = 10           # stop after this many NaN/inf steps
+    log_file: Optional[str] = None    # JSONL metrics log (appended)
+    gradient_checkpointing: bool = False
+    system_prompt: Optional[str] = None  # passed to render_prompt; must match what generation uses
+    show_progress: bool = True
+
+    def __post_init__(self):
+        positive = ("num_epochs", "batch_size", "grad_accum_steps", "max_seq_len", "eval_batch_size",
+                    "bucket_batches")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"SFTConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"SFTConfig.learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"SFTConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"SFTConfig.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.lr_schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"SFTConfig.lr_schedule must be 'cosine', 'linear' or 'constant', "
+                             f"got {self.lr_schedule!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"SFTConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.checkpoint_every < 0 or self.max_bad_steps < 0:
+            raise ValueError("SFTConfig.checkpoint_every and max_bad_steps must be >= 0")
+        self.adam_betas = tuple(self.adam_betas)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenisation
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class SFTExample:
+    input_ids: List[int]
+    labels: List[int]   # IGNORE_INDEX over the prompt, token ids over answer + end-of-turn
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token that ends an assistant turn; `generate` stops on it (it is the tokenizer's eos)."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos token: SFT cannot teach the model where answers end")
+    return int(tokenizer.eos_token_id)
+
+
+def tokenize_example(tokenizer, prompt, response: str, max_seq_len: int,
+                     system_prompt: Optional[str] = None) -> tuple[SFTExample, bool]:
+    """(example, truncated). Prompt and answer are tokenised separately, as at generation time:
+    the prompt alone is what `generate` encodes, and the answer tokens are what it would emit."""
+    if not isinstance(response, str):
+        raise TypeError(f"an SFT response must be a string, got {type(response).__name__}")
+    prompt_ids = tokenizer(render_prompt(tokenizer, prompt, system_prompt), add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(response.strip(), add_special_tokens=False)["input_ids"] + [end_of_turn_id(tokenizer)]
+    truncated = len(prompt_ids) + len(answer_ids) > max_seq_len
+    if truncated:
+        # Keep the whole answer if it fits beside half a prompt, else cut the answer's end (its
+        # end-of-turn is lost then); the prompt loses its start, as `generate` truncates it.
+        answer_room = max(max_seq_len - min(len(prompt_ids), max_seq_len // 2), 1)
+        answer_ids = answer_ids[:answer_room]
+        prompt_ids = prompt_ids[len(prompt_ids) - (max_seq_len - len(answer_ids)):] \
+            if max_seq_len > len(answer_ids) else []
+    return SFTExample(prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids), truncated
+
+
+def tokenize_records(tokenizer, records: Sequence[dict], max_seq_len: int,
+                     system_prompt: Optional[str] = None) -> List[SFTExample]:
+    examples, n_truncated = [], 0
+    for number, record in enumerate(records, 1):
+        if not isinstance(record, dict) or "prompt" not in record or "response" not in record:
+            raise ValueError(f"SFT record {number} must be a dict with 'prompt' and 'response', got {record!r:.80}")
+        example, truncated = tokenize_example(tokenizer, record["prompt"], record["response"], max_seq_len,
+                                              system_prompt)
+        n_truncated += truncated
+        examples.append(example)
+    if n_truncated:
+        warnings.warn(f"{n_truncated} of {len(records)} SFT examples were longer than max_seq_len={max_seq_len} "
+                      "tokens and were truncated")
+    return examples
+
+
+def collate(examples: Sequence[SFTExample], pad_token_id: int) -> Dict[str, torch.Tensor]:
+    """Right-pad to the longest example in this batch (dynamic padding). All (batch, seq)."""
+    width = max(len(e) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e)
+        input_ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def length_bucketed_batches(lengths: Sequence[int], batch_size: int, bucket_batches: int,
+                            seed: int, epoch: int) -> List[List[int]]:
+    """This epoch's batches (lists of example indices): a function of (seed, epoch) alone."""
+    rng = random.Random(f"sft-data-order:{seed}:{epoch}")
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    chunk = batch_size * bucket_batches
+    batches = []
+    for start in range(0, len(order), chunk):
+        # stable sort by length inside the chunk, longest first: an out-of-memory shows up at once
+        part = sorted(order[start:start + chunk], key=lambda i: -lengths[i])
+        batches.extend(part[i:i + batch_size] for i in range(0, len(part), batch_size))
+    rng.shuffle(batches)  # so the longest batches are not all at the start of each chunk
+    return batches
+
+
+def split_eval(records: Sequence[dict], fraction: float, seed: int):
+    """(train, eval): a seeded random `fraction` held out (at least one record if fraction > 0)."""
+    if fraction <= 0 or len(records) < 2:
+        return list(records), []
+    order = list(range(len(records)))
+    random.Random(f"sft-eval-split:{seed}").shuffle(order)
+    n_eval = min(max(1, round(len(records) * fraction)), len(records) - 1)
+    held = set(order[:n_eval])
+    return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float) -> float:
+    """Linear warm-up from lr/warmup to lr, then cosine/linear decay to min_ratio * lr."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        decay = 1.0 - progress
+    return min_ratio + (1.0 - min_ratio) * decay
+
+
+def _fingerprint(examples: Sequence[SFTExample]) -> str:
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(json.dumps([e.input_ids, e.labels]).encode())
+    return digest.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------
+# Trainer
+# --------------------------------------------------------------------------------------------------
+
+class SFTTrainer:
+    """`SFTTrainer(model, tokenizer, config).train(train_records, eval_records)` -> metrics dict.
+
+    Records are `{"prompt": str | chat messages, "response": str}`; extra keys are ignored.
+    The model is trained in place; the final weights are also written as a checkpoint under
+    `config.output_dir` (`checkpoint-<step>/policy/`, a plain Hugging Face directory with the tokenizer).
+    """
+
+    def __init__(self, model, tokenizer, config: Optional[SFTConfig] = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or SFTConfig()
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; use src.models.loading.prepare_tokenizer")
+        self.device = next(model.parameters()).device
+
+    # -- losses ------------------------------------------------------------------------------------
+    def _token_losses(self, batch: Dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """(sum of answer-token losses, number of answer tokens) for one padded batch."""
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            use_cache=False).logits            # (batch, seq, vocab)
+        targets = batch["labels"][:, 1:]                     # token t is predicted at position t-1
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss, int((targets != IGNORE_INDEX).sum())
+
+    @torch.no_grad()
+    def evaluate(self, examples: Sequence[SFTExample]) -> Optional[float]:
+        """Mean answer-token loss over `examples` (None if there are none)."""
+        if not examples:
+            return None
+        was_training = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))
+        bs = self.config.eval_batch_size
+        for start in range(0, len(order), bs):
+            batch = collate([examples[i] for i in order[start:start + bs]], self.tokenizer.pad_token_id)
+            loss, n = self._token_losses(batch)
+            total, count = total + float(loss), count + n
+        if was_training:
+            self.model.train()
+        return total / max(count, 1)
+
+    # -- training ----------------------------------------------------------------------------------
+    def train(self, train_records: Sequence[dict], eval_records: Optional[Sequence[dict]] = None,
+              resume_from=None) -> dict:
+        cfg = self.config
+        train_records = list(train_records)
+        if not train_records:
+            raise ValueError("no SFT training records: give at least one {'prompt', 'response'} record")
+        if eval_records is None:
+            train_records, eval_records = split_eval(train_records, cfg.eval_fraction, cfg.seed)
+        train_ex = tokenize_records(self.tokenizer, train_records, cfg.max_seq_len, cfg.system_prompt)
+        eval_ex = tokenize_records(self.tokenizer, list(eval_records), cfg.max_seq_len, cfg.system_prompt)
+        lengths = [len(e) for e in train_ex]
+        fingerprint = _fingerprint(train_ex)
+
+        n_batches = math.ceil(len(train_ex) / cfg.batch_size)
+        steps_per_epoch = math.ceil(n_batches / cfg.grad_accum_steps)
+        total_steps = steps_per_epoch * cfg.num_epochs
+        warmup_steps = int(round(cfg.warmup_ratio * total_steps))
+
+        if cfg.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.learning_rate, betas=cfg.adam_betas)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, cfg.lr_schedule, cfg.min_lr_ratio))
+
+        state = {"step": 0, "bad_steps": 0, "train_loss": [], "eval_loss": [], "eval_loss_before": None,
+                 "tokens_seen": 0}
+        if resume_from is not None:
+            state = self._resume(resume_from, optimizer, scheduler, fingerprint, state)
+        else:
+            state["eval_loss_before"] = self.evaluate(eval_ex)
+            if state["eval_loss_before"] is not None:
+                self._log({"event": "eval", "step": 0, "eval_loss": state["eval_loss_before"]})
+
+        start_step = state["step"]
+        start_time = time.time()
+        self.model.train()
+        bar = tqdm(total=total_steps, initial=start_step, desc="sft", unit="step",
+                   disable=not cfg.show_progress, dynamic_ncols=True)
+        last_ckpt = None
+        try:
+            for step in range(start_step, total_steps):
+                epoch, step_in_epoch = divmod(step, steps_per_epoch)
+                batches = length_bucketed_batches(lengths, cfg.batch_size, cfg.bucket_batches, cfg.seed, epoch)
+                group = batches[step_in_epoch * cfg.grad_accum_steps:(step_in_epoch + 1) * cfg.grad_accum_steps]
+                record = self._train_step(group, train_ex, optimizer, state)
+                scheduler.step()  # also after a skipped step: the schedule follows the data position
+                state["step"] = step + 1
+                record.update(step=step + 1, epoch=epoch + (step_in_epoch + 1) / steps_per_epoch)
+                self._log({"event": "train", **record})
+                bar.update(1)
+                if record["loss"] is not None and math.isfinite(record["loss"]):
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}")
+                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total_steps:
+                    last_ckpt = self._save(step + 1, optimizer, scheduler, fingerprint, state)
+        finally:
+            bar.close()
+
+        eval_after = self.evaluate(eval_ex)
+        if eval_after is not None:
+            state["eval_loss"].append([state["step"], eval_after])
+            self._log({"event": "eval", "step": state["step"], "eval_loss": eval_after})
+        last_ckpt = self._save(state["step"], optimizer, scheduler, fingerprint, state)
+        losses = [loss for _, loss in state["train_loss"]]
+        metrics = {
+            "steps": state["step"],
+            "total_steps": total_steps,
+            "epochs": cfg.num_epochs,
+            "n_train": len(train_ex),
+            "n_eval": len(eval_ex),
+            "train_loss": losses,
+            "train_loss_first": losses[0] if losses else None,
+            "train_loss_last": losses[-1] if losses else None,
+            "eval_loss_before": state["eval_loss_before"],
+            "eval_loss_after": eval_after,
+            "bad_steps": state["bad_steps"],
+            "tokens_seen": state["tokens_seen"],
+            "train_time_s": time.time() - start_time,
+            "checkpoint": str(last_ckpt),
+            "model_dir": str(Path(last_ckpt) / MODEL_NAME),
+        }
+        self._log({"event": "done", **{k: v for k, v in metrics.items() if k != "train_loss"}})
+        return metrics
+
+    def _train_step(self, group: List[List[int]], examples: Sequence[SFTExample], optimizer, state) -> dict:
+        """One optimiser step over `grad_accum_steps` micro-batches; non-finite steps are skipped."""
+        cfg = self.config
+        micro = [collate([examples[i] for i in batch], self.tokenizer.pad_token_id) for batch in group]
+        # Normalise by the answer tokens of the whole step, so accumulation equals one big batch.
+        n_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+        optimizer.zero_grad(set_to_none=True)
+        total_loss, finite = 0.0, True
+        for batch in micro:
+            loss_sum, _ = self._token_losses(batch)
+            loss = loss_sum / max(n_tokens, 1)
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            loss.backward()
+            total_loss += float(loss.detach())
+        grad_norm = float("nan")
+        if finite:
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            finite = math.isfinite(grad_norm)
+        lr = optimizer.param_groups[0]["lr"]
+        if not finite:
+            optimizer.zero_grad(set_to_none=True)
+            state["bad_steps"] += 1
+            msg = (f"SFT step {state['step'] + 1}: non-finite loss or gradient norm, step skipped "
+                   f"({state['bad_steps']} so far)")
+            log.warning(msg)
+            self._log({"event": "bad_step", "step": state["step"] + 1, "bad_steps": state["bad_steps"]})
+            if state["bad_steps"] > cfg.max_bad_steps:
+                raise RuntimeError(
+                    f"SFT stopped: {state['bad_steps']} steps had a NaN/inf loss or gradient norm "
+                    f"(max_bad_steps={cfg.max_bad_steps}). Lower learning_rate, train in float32, or look "
+                    f"for broken records; the last good checkpoint is in {cfg.output_dir}.")
+            return {"loss": None, "grad_norm": None, "lr": lr, "skipped": True, "tokens": n_tokens}
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["train_loss"].append([state["step"] + 1, total_loss])
+        state["tokens_seen"] += n_tokens
+        return {"loss": total_loss, "grad_norm": grad_norm, "lr": lr, "skipped": False, "tokens": n_tokens}
+
+    # -- checkpoints and logs ----------------------------------------------------------------------
+    def _save(self, step: int, optimizer, scheduler, fingerprint: str, state: dict) -> Path:
+        trainer_state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "step": step,
+            "bad_steps": state["bad_steps"],
+            "train_loss": state["train_loss"],
+            "eval_loss": state["eval_loss"],
+            "eval_loss_before": state["eval_loss_before"],
+            "tokens_seen": state["tokens_seen"],
+            # the data order: each epoch's batches are length_bucketed_batches(seed, epoch)
+            "data_seed": self.config.seed,
+            "data_fingerprint": fingerprint,
+        }
+        config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()}
+        return save_checkpoint(self.config.output_dir, step, {MODEL_NAME: self.model}, self.tokenizer,
+                               trainer_state=trainer_state, metadata={"stage": "sft", "config": config},
+                               keep_last=self.config.keep_last)
+
+    def _resume(self, path, optimizer, scheduler, fingerprint: str, state: dict) -> dict:
+        resolved = latest_checkpoint(path)
+        if resolved is None:
+            raise FileNotFoundError(f"cannot resume: no complete checkpoint at {path}")
+        ckpt = load_checkpoint(resolved)
+        ts = ckpt.trainer_state
+        if ts.get("data_fingerprint") != fingerprint or ts.get("data_seed") != self.config.seed:
+            raise ValueError(f"cannot resume from {resolved}: it was trained on different SFT data or seed "
+                             "(the data order would not match); use the same records and config.seed")
+        load_model_weights(self.model, ckpt.model_dir(MODEL_NAME))
+        optimizer.load_state_dict(ts["optimizer"])
+        scheduler.load_state_dict(ts["scheduler"])
+        state.update({k: ts[k] for k in ("step", "bad_steps", "train_loss", "eval_loss", "eval_loss_before",
+                                         "tokens_seen")})
+        log.info("resumed SFT from %s at step %d", resolved, state["step"])
+        return state
+
+    def _log(self, record: dict) -> None:
+        if self.config.log_file:
+            append_jsonl(self.config.log_file, {"stage": "sft", "time": time.time(), **record})
