@@ -1,0 +1,89 @@
+"""Run the whole Constitutional-AI pipeline: critique-revise SFT, AI-feedback reward model, RL, evaluation.
+
+Examples:
+  python scripts/train_constitutional.py                       # default preset, default model, CPU ok
+  python scripts/train_constitutional.py --preset smoke        # tiny model, seconds
+  python scripts/train_constitutional.py --model path/to/hf_model --output-dir runs/mine --set rl.steps=40
+  python scripts/train_constitutional.py --stages evaluate     # only (re)evaluate an existing run
+
+Rerunning the same command skips finished stages and resumes an interrupted one from its last checkpoint.
+"""
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def build_parser(describe_all: bool = True) -> argparse.ArgumentParser:
+    epilog = ""
+    if describe_all:
+        from src.safety.constitutional.config_utils import describe_options
+        from src.safety.constitutional.pipeline import PipelineConfig
+        epilog = ("Every option below can be set in a YAML file (--config) or with --set section.name=value:\n"
+                  + "\n".join(describe_options(PipelineConfig)))
+    parser = argparse.ArgumentParser(description=__doc__, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="default",
+                        help="smoke (tiny random model, seconds), default (SmolLM2-135M on CPU, ~30 min), "
+                             "full (sizes for a GPU); presets live in configs/<name>.yaml")
+    parser.add_argument("--config", help="a YAML file whose options override the preset")
+    parser.add_argument("--model", help="'default' (SmolLM2-135M-Instruct) or a local Hugging Face model folder")
+    parser.add_argument("--constitution", help="constitution YAML (default: data/constitution.yaml)")
+    parser.add_argument("--output-dir", help="run folder (rerun with the same folder to resume)")
+    parser.add_argument("--stages", help="comma-separated subset of: sft,reward,rl,evaluate")
+    parser.add_argument("--rl-algorithm", help="stage-3 algorithm: ppo")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
+    parser.add_argument("--dtype", help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--seed", type=int, help="seed for every random choice of the run")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.NAME=VALUE",
+                        help="override any option listed below, e.g. --set rl.steps=40 (repeatable)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only")
+    return parser
+
+
+def main(argv=None) -> int:
+    describe = argv is None and any(a in ("-h", "--help") for a in sys.argv[1:])
+    args = build_parser(describe_all=describe).parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from src.safety.constitutional.config_utils import ConfigError
+    from src.safety.constitutional.pipeline import Pipeline, load_pipeline_config, print_stage_line
+
+    overrides = list(args.overrides)
+    for flag, key in (("model", "model"), ("constitution", "constitution"), ("output_dir", "output_dir"),
+                      ("rl_algorithm", "rl.algorithm"), ("device", "device"), ("dtype", "dtype"),
+                      ("seed", "seed")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.stages:
+        overrides.append(f"stages=[{args.stages}]")
+    try:
+        config = load_pipeline_config(args.preset, args.config, overrides)
+        if args.print_config:
+            import dataclasses
+            import yaml
+            print(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+            return 0
+        pipeline = Pipeline(config)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"run folder: {pipeline.run_dir}  (preset {config.preset}, model {config.model}, device {pipeline.device})")
+    try:
+        pipeline.run(on_stage=print_stage_line)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the last checkpoint is saved; rerun the same command to resume", file=sys.stderr)
+        return 130
+    report = pipeline.run_dir / "report.md"
+    if report.is_file():
+        print(f"\nreport: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""The whole Constitutional-AI pipeline: critique-revise SFT -> AI-feedback reward model -> RL -> evaluation.
+
+    run_dir/
+      config.yaml                 the resolved configuration of this run
+      stage1_sft/                 audit.jsonl (critique chains), sft.jsonl, checkpoints/, model/, stage.json
+      stage2_reward/              pairs.jsonl (AI-labelled, with principle), checkpoints/, model/, stage.json
+      stage3_rl/                  checkpoints/, model/, metrics.jsonl, stage.json
+      evaluation/<model>/         answers.csv, summary.json, summary.md, principles.png
+      report.md, plots/*.png      the final report
+
+A stage whose `stage.json` exists is skipped on a rerun; an interrupted stage resumes from its last
+checkpoint (and reuses the data it had already generated). Each stage reads its input model from
+the previous stage's `model/` folder, so any stage can also be run alone on any model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from src.models import RewardModel, ValueModel, load_causal_lm, resolve_device, seed_everything
+
+from .checkpoint import latest_checkpoint
+from .config_utils import from_dict, to_dict
+from .constitution import load_constitution
+from .critique_revision import CritiqueRevisionConfig, run_critique_revision, write_sft_dataset
+from .evaluation import compare_reports, evaluate_model
+from .framework import ConstitutionalFramework
+from .generation import GenerationConfig
+from .hh_rlhf import load_pairs
+from .io import atomic_write_json, atomic_write_text, read_jsonl, read_prompts
+from .ppo_trainer import PPOConfig, PPOTrainer
+from .preferences import PreferenceConfig, generate_preference_pairs, write_pairs
+from .reward_training import RewardTrainer, RewardTrainerConfig
+from .sft import SFTConfig, SFTTrainer
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+STAGES = ("sft", "reward", "rl", "evaluate")
+
+
+@dataclass
+class DataConfig:
+    """Prompt files (JSONL `prompt` field, CSV `prompt` column or TXT) and how many of each to use."""
+
+    train_prompts: str = "data/prompts/red_team_train.jsonl"        # red-team prompts for stages 1-3
+    benign_train_prompts: str = "data/prompts/benign_train.jsonl"   # helpful mix-in for SFT
+    eval_harmful_prompts: str = "data/prompts/red_team_eval.jsonl"  # held out: never trained on
+    eval_benign_prompts: str = "data/prompts/benign_eval.jsonl"     # held out: over-refusal check
+    num_sft_prompts: int = 48           # red-team prompts through critique-revision
+    num_preference_prompts: int = 64    # prompts sampled twice and labelled by the constitution
+    num_rl_prompts: int = 64            # prompt pool for RL rollouts
+    num_eval_prompts: int = 50          # per evaluation set
+    human_pairs: Optional[str] = None   # extra human preference pairs (hh-rlhf format) for stage 2
+    num_human_pairs: int = 0
+    reward_eval_pairs: Optional[str] = None  # held-out human pairs to report RM accuracy on
+
+    def __post_init__(self):
+        for name in ("num_sft_prompts", "num_preference_prompts", "num_rl_prompts", "num_eval_prompts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class RLStageConfig:
+    """Stage 3: which algorithm, how long, and the algorithm's own settings."""
+
+    algorithm: str = "ppo"              # ppo
+    steps: int = 20                     # RL steps (one rollout batch + its update epochs each)
+    batch_size: int = 8                 # prompts per step
+    num_epochs_per_batch: int = 4       # update epochs over each rollout batch
+    max_new_tokens: int = 48            # answer length limit during rollouts
+    temperature: float = 1.0            # sampling temperature (log-probs use the same)
+    checkpoint_freq: int = 5            # steps between checkpoints
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+
+    def __post_init__(self):
+        if self.algorithm not in ("ppo",):
+            raise ValueError(f"rl.algorithm must be 'ppo', got {self.algorithm!r}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("rl.steps and rl.batch_size must be >= 1")
+
+
+@dataclass
+class EvalStageConfig:
+    """Final evaluation of the base and each stage's model on held-out prompts (greedy answers)."""
+
+    max_new_tokens: int = 96            # answer length limit when evaluating
+    batch_size: int = 16                # prompts per generation batch
+    num_examples: int = 4               # example answers shown side by side in the report
+
+
+@dataclass
+class PipelineConfig:
+    preset: str = "default"             # name of the preset this config started from
+    model: str = "default"              # "default" (SmolLM2-135M-Instruct), "tiny", or a local HF model folder
+    constitution: Optional[str] = None  # None: data/constitution.yaml
+    output_dir: str = "runs/default"
+    device: Optional[str] = None        # None: CUDA if present, else CPU
+    dtype: Optional[str] = None         # None: bf16 on CUDA, fp32 on CPU
+    seed: int = 0                       # every random choice of the run derives from it
+    stages: List[str] = field(default_factory=lambda: list(STAGES))  # subset of sft, reward, rl, evaluate
+    data: DataConfig = field(default_factory=DataConfig)
+    critique: CritiqueRevisionConfig = field(default_factory=CritiqueRevisionConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    preferences: PreferenceConfig = field(default_factory=PreferenceConfig)
+    reward: RewardTrainerConfig = field(default_factory=RewardTrainerConfig)
+    rl: RLStageConfig = field(default_factory=RLStageConfig)
+    evaluation: EvalStageConfig = field(default_factory=EvalStageConfig)
+
+    def __post_init__(self):
+        bad = [s for s in self.stages if s not in STAGES]
+        if bad:
+            raise ValueError(f"stages: unknown stage {bad[0]!r} (choose from {', '.join(STAGES)})")
+
+
+def _resolve(path: Optional[str]) -> Optional[Path]:
+    if path is None:
+        return None
+    p = Path(path)
+    return p if p.is_absolute() or p.exists() else REPO_ROOT / p
+
+
+def _take(items: List, n: int, seed: int) -> List:
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    return items[:n]
+
+
+class Pipeline:
+    """Runs the stages in order; each one is skipped if finished and resumed if interrupted."""
+
+    def __init__(self, config: PipelineConfig):
+        self.config = config
+        self.run_dir = Path(config.output_dir)
+        self.device = resolve_device(config.device)
+        self.constitution = load_constitution(_resolve(config.constitution))
+        self._framework: Optional[ConstitutionalFramework] = None
+
+    # -- helpers ------------------------------------------------------------------------------
+    def stage_dir(self, name: str) -> Path:
+        return self.run_dir / {"sft": "stage1_sft", "reward": "stage2_reward", "rl": "stage3_rl",
+                               "evaluate": "evaluation"}[name]
+
+    def stage_done(self, name: str) -> Optional[dict]:
+        path = self.stage_dir(name) / "stage.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def _finish(self, name: str, summary: dict) -> dict:
+        atomic_write_json(self.stage_dir(name) / "stage.json", summary)
+        return summary
+
+    @property
+    def framework(self) -> ConstitutionalFramework:
+        if self._framework is None:
+            self._framework = ConstitutionalFramework(self.constitution)
+        return self._framework
+
+    def prompts(self, which: str, n: int, seed_offset: int = 0) -> List[str]:
+        path = _resolve(getattr(self.config.data, which))
+        return _take(read_prompts(path), n, self.config.seed + seed_offset)
+
+    def model_for(self, stage: Optional[str]):
+        """The model a stage starts from: the previous stage's output, or the base model."""
+        path = self.config.model if stage is None else self.stage_dir(stage) / "model"
+        return load_causal_lm(path, device=self.device, dtype=self.config.dtype)
+
+    # -- the run ------------------------------------------------------------------------------
+    def run(self, on_stage: Optional[Callable[[str, dict], None]] = None) -> Dict[str, dict]:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "config.yaml", _dump_yaml(to_dict(self.config)))
+        results = {}
+        for name in STAGES:
+            if name not in self.config.stages:
+                continue
+            done = self.stage_done(name)
+            if done is not None:
+                log.info("stage %s already finished: skipping", name)
+                results[name] = {**done, "skipped": True}
+            else:
+                seed_everything(self.config.seed)
+                start = time.time()
+                summary = getattr(self, f"run_{name}")()
+                summary["seconds"] = round(time.time() - start, 1)
+                results[name] = self._finish(name, summary)
+            if on_stage:
+                on_stage(name, results[name])
+        return results
+
+    def run_sft(self) -> dict:
+        cfg, out = self.config, self.stage_dir("sft")
+        model, tokenizer = self.model_for(None)
+        data_file = out / "sft.jsonl"
+        if data_file.is_file():  # generated before an interruption: reuse, don't regenerate
+            records = read_jsonl(data_file)
+            stats = json.loads((out / "critique_stats.json").read_text())
+        else:
+            prompts = self.prompts("train_prompts", cfg.data.num_sft_prompts)
+            benign = self.prompts("benign_train_prompts", cfg.data.num_sft_prompts, seed_offset=1)
+            result = run_critique_revision(model, tokenizer, prompts, self.constitution, self.framework,
+                                           cfg.critique, benign_prompts=benign)
+            write_sft_dataset(result, out)
+            atomic_write_json(out / "critique_stats.json", result.stats)
+            records, stats = result.sft_records, result.stats
+        sft_cfg = dataclasses.replace(cfg.sft, output_dir=str(out / "checkpoints"),
+                                      log_file=str(out / "metrics.jsonl"))
+        trainer = SFTTrainer(model, tokenizer, sft_cfg)
+        metrics = trainer.train(records, resume_from=latest_checkpoint(out / "checkpoints"))
+        model.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
+        return {"critique": stats, "train": _scalars(metrics)}
+
+    def run_reward(self) -> dict:
+        cfg, out = self.config, self.stage_dir("reward")
+        model, tokenizer = self.model_for("sft" if "sft" in cfg.stages or self.stage_done("sft") else None)
+        pairs_file = out / "pairs.jsonl"
+        if pairs_file.is_file():
+            pairs = load_pairs(pairs_file)
+            stats = json.loads((out / "preference_stats.json").read_text())
+        else:
+            prompts = self.prompts("train_prompts", cfg.data.num_preference_prompts, seed_offset=2)
+            pairs, stats = generate_preference_pairs(model, tokenizer, prompts, self.framework, cfg.preferences)
+            write_pairs(pairs, pairs_file)
+            atomic_write_json(out / "preference_stats.json", stats)
+        train_pairs = list(pairs)
+        if cfg.data.human_pairs and cfg.data.num_human_pairs > 0:
+            train_pairs += load_pairs(_resolve(cfg.data.human_pairs), limit=cfg.data.num_human_pairs, split="train")
+        random.Random(cfg.seed).shuffle(train_pairs)
+        reward_model = RewardModel.from_causal_lm(model, device=self.device, dtype=cfg.dtype)
+        del model
+        rm_cfg = dataclasses.replace(cfg.reward, output_dir=str(out / "checkpoints"),
+                                     log_file=str(out / "metrics.jsonl"))
+        trainer = RewardTrainer(reward_model, tokenizer, rm_cfg)
+        metrics = trainer.train(train_pairs, resume_from=latest_checkpoint(out / "checkpoints"))
+        reward_model.save_pretrained(out / "model", tokenizer=tokenizer)
+        summary = {"preferences": stats, "num_train_pairs": len(train_pairs), "train": _scalars(metrics)}
+        if cfg.data.reward_eval_pairs:
+            held = load_pairs(_resolve(cfg.data.reward_eval_pairs), split="heldout")
+            summary["human_heldout"] = _scalars(trainer.evaluate(held))
+        return summary
+
+    def run_rl(self) -> dict:
+        cfg, out = self.config, self.stage_dir("rl")
+        policy, tokenizer = self.model_for("sft" if self.stage_done("sft") else None)
+        reward_model = RewardModel.from_pretrained(self.stage_dir("reward") / "model", device=self.device,
+                                                   dtype=cfg.dtype)
+        value_model = ValueModel.from_causal_lm(policy, device=self.device, dtype=cfg.dtype)
+        trainer = PPOTrainer(policy, value_model, reward_model, tokenizer, self.device, config=cfg.rl.ppo)
+        prompts = self.prompts("train_prompts", cfg.data.num_rl_prompts, seed_offset=3)
+        result = trainer.train(prompts, num_steps=cfg.rl.steps, batch_size=cfg.rl.batch_size,
+                               num_epochs_per_batch=cfg.rl.num_epochs_per_batch, max_length=cfg.rl.max_new_tokens,
+                               temperature=cfg.rl.temperature, checkpoint_dir=str(out / "checkpoints"),
+                               checkpoint_freq=cfg.rl.checkpoint_freq,
+                               resume_from=latest_checkpoint(out / "checkpoints"))
+        from .io import atomic_write_jsonl
+        atomic_write_jsonl(out / "metrics.jsonl", result.get("history", []))
+        policy.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
+        return {"algorithm": cfg.rl.algorithm, "final_stats": _scalars(result.get("final_stats", {}))}
+
+    def run_evaluate(self) -> dict:
+        cfg, out = self.config, self.stage_dir("evaluate")
+        n = cfg.data.num_eval_prompts
+        prompt_sets = {
+            "harmful": (self.prompts("eval_harmful_prompts", n, seed_offset=4), "harmful"),
+            "benign": (self.prompts("eval_benign_prompts", n, seed_offset=5), "benign"),
+        }
+        reward_dir = self.stage_dir("reward") / "model"
+        reward_model = RewardModel.from_pretrained(reward_dir, device=self.device) if reward_dir.is_dir() else None
+        gen = GenerationConfig(max_new_tokens=cfg.evaluation.max_new_tokens, do_sample=False,
+                               batch_size=cfg.evaluation.batch_size)
+        reports = {}
+        for name, stage in (("base", None), ("sft", "sft"), ("rl", "rl")):
+            if stage is not None and not (self.stage_dir(stage) / "model").is_dir():
+                continue
+            model, tokenizer = self.model_for(stage)
+            report = evaluate_model(model, tokenizer, prompt_sets, self.framework, gen_config=gen,
+                                    reward_model=reward_model)
+            report.write(out / name)
+            reports[name] = report
+            del model
+        from .report import write_run_report
+        write_run_report(self.run_dir, reports, self.config)
+        return {"models": list(reports), "summary": {k: r.summary for k, r in reports.items()},
+                "comparison": compare_reports(reports)}
+
+
+def _scalars(d: dict) -> dict:
+    return {k: v for k, v in (d or {}).items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+def _dump_yaml(data: dict) -> str:
+    import yaml
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def load_pipeline_config(preset: Optional[str] = None, config_file: Optional[str] = None,
+                         overrides: Optional[List[str]] = None) -> PipelineConfig:
+    """Preset YAML (configs/<preset>.yaml), then a user YAML file, then dotted overrides."""
+    from .config_utils import apply_overrides, deep_merge, load_yaml
+
+    data: dict = {}
+    if preset:
+        preset_file = REPO_ROOT / "configs" / f"{preset}.yaml"
+        if not preset_file.is_file():
+            known = sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.yaml"))
+            raise ValueError(f"unknown preset {preset!r} (known: {', '.join(known)})")
+        data = load_yaml(preset_file)
+        data.setdefault("preset", preset)
+    if config_file:
+        data = deep_merge(data, load_yaml(config_file))
+    data = apply_overrides(data, overrides or [])
+    return from_dict(PipelineConfig, data)
+
+
+def print_stage_line(name: str, summary: dict) -> None:
+    """The one-line summary per stage printed by the CLI."""
+    from .report import stage_summary_line
+
+    folder = {"sft": "stage1_sft", "reward": "stage2_reward", "rl": "stage3_rl", "evaluate": "evaluation"}[name]
+    state = "skipped (already done)" if summary.get("skipped") else f"{summary.get('seconds', '?')} s"
+    print(f"[{name}] {state}: {stage_summary_line(folder, summary)}", flush=True)
+    if name == "evaluate" and "comparison" in summary:
+        print(summary["comparison"], flush=True)

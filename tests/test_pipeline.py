@@ -1,0 +1,61 @@
+"""The smoke preset end to end (tiny model): every stage runs, writes its artifacts, and reruns skip."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from src.safety.constitutional.config_utils import ConfigError
+from src.safety.constitutional.pipeline import Pipeline, load_pipeline_config
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    config = load_pipeline_config("smoke", overrides=[f"output_dir={out}"])
+    results = Pipeline(config).run()
+    return out, results
+
+
+def test_smoke_pipeline_writes_every_artifact(smoke_run):
+    out, results = smoke_run
+    assert list(results) == ["sft", "reward", "rl", "evaluate"]
+    for path in ["config.yaml", "report.md", "plots/training_curves.png", "plots/principles.png",
+                 "stage1_sft/audit.jsonl", "stage1_sft/sft.jsonl", "stage1_sft/model/config.json",
+                 "stage2_reward/pairs.jsonl", "stage2_reward/model/config.json",
+                 "stage3_rl/model/config.json", "stage3_rl/metrics.jsonl",
+                 "evaluation/base/records.csv", "evaluation/rl/summary.json"]:
+        assert (out / path).is_file(), path
+    audit = [json.loads(line) for line in (out / "stage1_sft/audit.jsonl").read_text().splitlines()]
+    assert audit and {"prompt", "rounds"} <= set(audit[0])
+    report = (out / "report.md").read_text()
+    for model in ("base", "sft", "rl"):
+        assert f"| {model} " in report or f" {model} |" in report
+    assert "harmful compliance" in report and "over-refusal" in report
+
+
+def test_rerun_skips_finished_stages(smoke_run):
+    out, _ = smoke_run
+    before = (out / "stage3_rl/model/model.safetensors").stat().st_mtime_ns
+    results = Pipeline(load_pipeline_config("smoke", overrides=[f"output_dir={out}"])).run()
+    assert all(r.get("skipped") for r in results.values())
+    assert (out / "stage3_rl/model/model.safetensors").stat().st_mtime_ns == before
+
+
+def test_bad_config_names_the_field(tmp_path):
+    with pytest.raises(ConfigError, match="rl.batch_size"):
+        load_pipeline_config("smoke", overrides=["rl.batch_size=eight"])
+    with pytest.raises(ConfigError, match="unknown option sft.epochs"):
+        load_pipeline_config("smoke", overrides=["sft.epochs=3"])
+    with pytest.raises(ValueError, match="unknown preset"):
+        load_pipeline_config("nope")
+
+
+def test_cli_help_documents_every_option():
+    out = subprocess.run([sys.executable, "scripts/train_constitutional.py", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    for option in ("--preset", "--model", "--constitution", "--output-dir", "rl.steps", "sft.learning_rate",
+                   "reward.trainable_layers", "rl.ppo.kl_penalty"):
+        assert option in out
