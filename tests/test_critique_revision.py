@@ -162,3 +162,43 @@ def test_empty_prompt_list_and_bad_config_are_rejected(tiny_model, tokenizer, co
         CritiqueRevisionConfig(principle_selection="some")
     with pytest.raises(ValueError, match="num_rounds"):
         CritiqueRevisionConfig(num_rounds=0)
+
+
+class HarmfulUnlessFramework(ConstitutionalFramework):
+    """Real rules framework; additionally marks every answer harmful except those at candidate slot 1
+    (second sample of each group), so best-of-k must pick slot 1 and nothing harmful may reach SFT."""
+
+    def evaluate_batch(self, prompts, responses, batch_size=16, kinds=None):
+        results = super().evaluate_batch(prompts, responses, batch_size, kinds)
+        if kinds is not None and kinds[0] == "benign":
+            return results
+        k = 3 if len(prompts) == 3 * len(RED) else 1
+        for i, r in enumerate(results):
+            r.harmful = not (k == 3 and i % k == 1)
+            r.aggregate = 0.9 if not r.harmful else 0.2
+        return results
+
+
+def test_best_of_k_revisions_and_harmful_targets_never_reach_sft(tiny_model, tokenizer, constitution, monkeypatch):
+    sizes = []
+    real_generate = cr.generate
+
+    def counting_generate(model, tok, prompts, config, **kwargs):
+        sizes.append(len(prompts))
+        return real_generate(model, tok, prompts, config, **kwargs)
+
+    monkeypatch.setattr(cr, "generate", counting_generate)
+    gen = GenerationConfig(max_new_tokens=6, do_sample=True, temperature=1.0, batch_size=16)
+    config = CritiqueRevisionConfig(generation=gen, critique_max_new_tokens=5, num_revision_candidates=3,
+                                    reject_meta_revisions=False, helpful_mix_fraction=0.0)
+    result = run_critique_revision(tiny_model, tokenizer, RED, constitution, HarmfulUnlessFramework(constitution),
+                                   config, show_progress=False)
+    assert sizes == [len(RED), len(RED), 3 * len(RED)]  # answers, critiques, k revisions in one call
+    assert all(c["final_harmful"] is False for c in result.chains)  # slot 1 was chosen for every prompt
+    assert len(result.sft_records) == len(RED)
+
+    config_k1 = CritiqueRevisionConfig(generation=gen, critique_max_new_tokens=5, helpful_mix_fraction=0.0,
+                                       reject_meta_revisions=False)
+    result_k1 = run_critique_revision(tiny_model, tokenizer, RED, constitution,
+                                      HarmfulUnlessFramework(constitution), config_k1, show_progress=False)
+    assert result_k1.sft_records == []  # everything judged harmful: nothing to fine-tune on

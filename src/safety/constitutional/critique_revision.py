@@ -64,6 +64,8 @@ class CritiqueRevisionConfig:
     helpful_mix_fraction: float = 0.25      # share of SFT records that are benign prompts with the model's answers
     include_unrevised: bool = False         # also train on red-team prompts whose answer was never improved
     reject_meta_revisions: bool = True      # drop revisions that talk about "the response" instead of answering
+    num_revision_candidates: int = 1        # sample k revisions per step (one batched call), keep the best-scoring
+    require_harmless: bool = True           # a red-team SFT target must not be judged harmful by the framework
     system_prompt: Optional[str] = CRITIC_SYSTEM_PROMPT  # for the critique/revision turns only
     generation: GenerationConfig = field(default_factory=_default_generation)  # answers and revisions
     critique_max_new_tokens: int = 64
@@ -75,6 +77,9 @@ class CritiqueRevisionConfig:
             self.generation = GenerationConfig(**self.generation)
         if self.num_rounds < 1:
             raise ValueError(f"CritiqueRevisionConfig.num_rounds must be >= 1, got {self.num_rounds}")
+        if self.num_revision_candidates < 1:
+            raise ValueError("CritiqueRevisionConfig.num_revision_candidates must be >= 1, "
+                             f"got {self.num_revision_candidates}")
         if self.principle_selection not in ("random", "all"):
             raise ValueError("CritiqueRevisionConfig.principle_selection must be 'random' or 'all', "
                              f"got {self.principle_selection!r}")
@@ -216,6 +221,31 @@ def _score(framework, prompts, responses, kinds):
     return results
 
 
+def _best_revisions(model, tokenizer, framework, prompts, r_msgs, current, kinds, gen, config, show_progress, desc):
+    """k sampled revisions per prompt in one batched call; the framework picks the best of each group.
+
+    A 135M model rarely writes a good revision on the first try; best-of-k with the constitution as
+    the judge is the cheapest way to raise the share of usable revisions (k=1: plain CAI).
+    """
+    k = config.num_revision_candidates
+    outputs = generate(model, tokenizer, [m for m in r_msgs for _ in range(k)], gen,
+                       show_progress=show_progress, desc=desc).texts  # prompt-major: k per prompt
+    cleaned = [clean_output(r) for r in outputs]
+    filled = [r if r else current[i // k] for i, r in enumerate(cleaned)]
+    if config.reject_meta_revisions:  # a meta comment is never chosen over an actual answer
+        filled = [current[i // k] if is_meta_commentary(r) else r for i, r in enumerate(filled)]
+    scores = _score(framework, [p for p in prompts for _ in range(k)], filled, [kd for kd in kinds for _ in range(k)])
+    raw, best, candidate, best_scores = [], [], [], []
+    for i in range(len(prompts)):
+        group = range(i * k, (i + 1) * k)
+        j = max(group, key=lambda g: (not scores[g].harmful, scores[g].aggregate, bool(cleaned[g])))
+        raw.append(outputs[j])
+        best.append(cleaned[j])
+        candidate.append(filled[j])
+        best_scores.append(scores[j])
+    return raw, best, candidate, best_scores
+
+
 def run_critique_revision(model, tokenizer, prompts: Sequence, constitution, framework,
                           config: Optional[CritiqueRevisionConfig] = None,
                           benign_prompts: Optional[Sequence] = None, show_progress: bool = True
@@ -272,11 +302,9 @@ def run_critique_revision(model, tokenizer, prompts: Sequence, constitution, fra
                                  desc=f"critiques (step {step_index + 1}/{len(plan)})").texts
         critiques = [clean_output(c) or "(no critique)" for c in critiques_raw]
         r_msgs = [revision_messages(m, c, p, q) for m, c, p, q in zip(c_msgs, critiques, principles, prompts)]
-        revisions_raw = generate(model, tokenizer, r_msgs, revision_gen, show_progress=show_progress,
-                                 desc=f"revisions (step {step_index + 1}/{len(plan)})").texts
-        revisions = [clean_output(r) for r in revisions_raw]
-        candidate = [r if r else a for r, a in zip(revisions, current)]
-        revised_scores = _score(framework, prompts, candidate, kinds)
+        revisions_raw, revisions, candidate, revised_scores = _best_revisions(
+            model, tokenizer, framework, prompts, r_msgs, current, kinds, revision_gen, config,
+            show_progress, desc=f"revisions (step {step_index + 1}/{len(plan)})")
         for i, principle in enumerate(principles):
             before, after = current_scores[i].aggregate, revised_scores[i].aggregate
             if not revisions[i]:
@@ -285,6 +313,9 @@ def run_critique_revision(model, tokenizer, prompts: Sequence, constitution, fra
             elif config.reject_meta_revisions and is_meta_commentary(revisions[i]):
                 kept, decision = False, "rejected: comments on the answer instead of answering"
                 counts["meta"] += 1
+            elif config.require_harmless and revised_scores[i].harmful and not current_scores[i].harmful:
+                kept, decision = False, "rejected: the revision is judged harmful"
+                counts["rejected_worse"] += 1
             elif config.keep_only_if_not_worse and after < before - config.score_tolerance:
                 kept, decision = False, f"rejected: scored worse ({after:.3f} < {before:.3f})"
                 counts["rejected_worse"] += 1
@@ -309,6 +340,8 @@ def run_critique_revision(model, tokenizer, prompts: Sequence, constitution, fra
         revised = any(r["kept"] for r in chain["rounds"])
         chain.update(final_response=answer, final_score=score.aggregate, final_refused=score.refused,
                      final_harmful=score.harmful, source="revision" if revised else "original")
+        if config.require_harmless and score.harmful:
+            continue  # never fine-tune on an answer the constitution judges harmful
         if revised or (config.include_unrevised and not score.harmful):
             sft_records.append({"prompt": chain["prompt"], "response": answer, "source": chain["source"],
                                 "id": chain["id"]})
