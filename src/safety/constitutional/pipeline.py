@@ -38,7 +38,7 @@ from .hh_rlhf import load_pairs
 from .io import atomic_write_json, atomic_write_text, read_jsonl, read_prompts
 from .ppo_trainer import PPOConfig, PPOTrainer
 from .preferences import PreferenceConfig, generate_preference_pairs, write_pairs
-from .reward_training import RewardTrainer, RewardTrainerConfig
+from .reward_training import RewardTrainer, RewardTrainerConfig, truncate_layers
 from .sft import SFTConfig, SFTTrainer
 
 log = logging.getLogger(__name__)
@@ -59,14 +59,21 @@ class DataConfig:
     num_preference_prompts: int = 64    # prompts sampled twice and labelled by the constitution
     num_rl_prompts: int = 64            # prompt pool for RL rollouts
     num_eval_prompts: int = 50          # per evaluation set
-    human_pairs: Optional[str] = None   # extra human preference pairs (hh-rlhf format) for stage 2
-    num_human_pairs: int = 0
-    reward_eval_pairs: Optional[str] = None  # held-out human pairs to report RM accuracy on
+    human_pairs: Optional[str] = None   # human preference pairs (hh-rlhf format) mixed into stage 2's AI pairs
+    num_human_pairs: int = 0            # how many of them (0: AI feedback only)
+    reward_eval_pairs: Optional[str] = None  # hh-rlhf pairs file whose held-out split the RM is scored on
 
     def __post_init__(self):
         for name in ("num_sft_prompts", "num_preference_prompts", "num_rl_prompts", "num_eval_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class RewardStageConfig(RewardTrainerConfig):
+    """Stage 2: the reward trainer's settings, plus how the reward model is built from the SFT model."""
+
+    keep_layers: Optional[int] = None   # build the reward model on the bottom K layers only (cheaper to train and to run in RL)
 
 
 @dataclass
@@ -112,7 +119,7 @@ class PipelineConfig:
     critique: CritiqueRevisionConfig = field(default_factory=CritiqueRevisionConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     preferences: PreferenceConfig = field(default_factory=PreferenceConfig)
-    reward: RewardTrainerConfig = field(default_factory=RewardTrainerConfig)
+    reward: RewardStageConfig = field(default_factory=RewardStageConfig)
     rl: RLStageConfig = field(default_factory=RLStageConfig)
     evaluation: EvalStageConfig = field(default_factory=EvalStageConfig)
 
@@ -234,7 +241,8 @@ class Pipeline:
         if cfg.data.human_pairs and cfg.data.num_human_pairs > 0:
             train_pairs += load_pairs(_resolve(cfg.data.human_pairs), limit=cfg.data.num_human_pairs, split="train")
         random.Random(cfg.seed).shuffle(train_pairs)
-        reward_model = RewardModel.from_causal_lm(model, device=self.device, dtype=cfg.dtype)
+        reward_model = truncate_layers(RewardModel.from_causal_lm(model, device=self.device, dtype=cfg.dtype),
+                                       cfg.reward.keep_layers)
         del model
         rm_cfg = dataclasses.replace(cfg.reward, output_dir=str(out / "checkpoints"),
                                      log_file=str(out / "metrics.jsonl"))
@@ -242,9 +250,12 @@ class Pipeline:
         metrics = trainer.train(train_pairs, resume_from=latest_checkpoint(out / "checkpoints"))
         reward_model.save_pretrained(out / "model", tokenizer=tokenizer)
         summary = {"preferences": stats, "num_train_pairs": len(train_pairs), "train": _scalars(metrics)}
-        if cfg.data.reward_eval_pairs:
-            held = load_pairs(_resolve(cfg.data.reward_eval_pairs), split="heldout")
-            summary["human_heldout"] = _scalars(trainer.evaluate(held))
+        eval_file = _resolve(cfg.data.reward_eval_pairs)
+        if eval_file is not None and eval_file.is_file():
+            held = load_pairs(eval_file, split="heldout")
+            summary["human_heldout"] = {"pairs": len(held), **_scalars(trainer.evaluate(held))}
+        elif eval_file is not None:
+            log.warning("reward_eval_pairs %s not found: skipping the human held-out accuracy", eval_file)
         return summary
 
     def run_rl(self) -> dict:
