@@ -212,7 +212,8 @@ def quiet():
         hf_logging.set_verbosity_error()
     except Exception:  # noqa: BLE001
         hf_logging = None
-    with warnings.catch_warnings():
+    # TRL's Trainer prints a metrics dict on stdout: keep stdout for our JSON lines only
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
         warnings.simplefilter("ignore")
         try:
             yield
@@ -605,9 +606,10 @@ def _our_ppo(b: Bench, prompts, answer_len):
                                    temperature=PPO_TEMPERATURE)
         sync(b.device)
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-    answer_tokens = stats.get("response_length_mean") if isinstance(stats, dict) else None
+    stats = stats if isinstance(stats, dict) else {}
     del trainer, policy, rm
-    return {"seconds": dt, "cpu_seconds": cpu, "peak_mem_mb": pm.peak_mb, "answer_tokens_mean": answer_tokens}
+    return {"seconds": dt, "cpu_seconds": cpu, "peak_mem_mb": pm.peak_mb,
+            "answer_tokens_mean": stats.get("answer_length"), "rollout_seconds": stats.get("time_rollout_s")}
 
 
 def _trl_ppo(b: Bench, prompts, answer_len):
@@ -655,6 +657,7 @@ def section_ppo(b: Bench):
             rec["trl_trainer"] = runs[0]["trl_trainer"]
         else:
             rec["answer_tokens_mean"] = runs[0].get("answer_tokens_mean")
+            rec["rollout_seconds_median"] = median([r["rollout_seconds"] for r in runs if r.get("rollout_seconds")])
         yield _round(rec)
     if "ours" in results and "trl" in results:
         yield _round({"section": "ppo", "impl": "speedup_vs_trl", **_speedups(results["trl"], results["ours"])})
