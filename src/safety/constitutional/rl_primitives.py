@@ -22,7 +22,9 @@ Tensor = torch.Tensor
 __all__ = [
     "masked_mean", "masked_var", "masked_whiten", "compute_gae", "kl_penalty", "ppo_policy_loss",
     "clipped_value_loss", "conservative_kl_penalty", "explained_variance", "AdaptiveKLController",
-    "FixedKLController", "RunningMeanStd", "KL_ESTIMATORS",
+    "FixedKLController", "RunningMeanStd", "KL_ESTIMATORS", "discounted_returns", "group_advantages",
+    "rloo_baseline", "policy_gradient_loss", "importance_sampling_loss", "dpo_loss", "DPO_LOSS_TYPES",
+    "update_reference",
 ]
 
 
@@ -104,6 +106,54 @@ def compute_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.
     return advantages, returns
 
 
+def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
+    """Reward-to-go G_t = r_t + gamma * G_{t+1}, per row, without a value model (REINFORCE). (batch, T)
+
+    Padding neither receives nor passes on reward: each row's episode ends at its last real token.
+    """
+    if rewards.shape != mask.shape:
+        raise ValueError(f"rewards {tuple(rewards.shape)} and mask {tuple(mask.shape)} must have the same shape")
+    mask = mask.to(rewards.dtype)
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = (rewards[:, t] + gamma * running) * mask[:, t]
+        returns[:, t] = running
+    return returns
+
+
+def _groups(scores: Tensor, group_size: int) -> Tensor:
+    if scores.dim() != 1 or group_size < 1 or scores.numel() % group_size:
+        raise ValueError(f"scores must be 1-D with a length divisible by group_size={group_size}, "
+                         f"got shape {tuple(scores.shape)}")
+    return scores.view(-1, group_size)  # (num_prompts, k): prompt-major, k answers per prompt
+
+
+def group_advantages(scores: Tensor, group_size: int, scale: bool = True, eps: float = 1e-6) -> Tensor:
+    """GRPO's outcome advantages (Shao et al. 2024): (r - mean_group) / (std_group + eps). (num_prompts*k,)
+
+    `scores` is (num_prompts*k,) in prompt-major order (the k answers of prompt 0 first). The std is
+    the unbiased one, as in DeepSeekMath/TRL; `scale=False` only centres (Dr. GRPO, Liu et al. 2025).
+    A group whose answers all score the same gets advantage 0: it carries no signal.
+    """
+    grouped = _groups(scores, group_size)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale and group_size > 1:
+        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def rloo_baseline(scores: Tensor, group_size: int) -> Tensor:
+    """Leave-one-out baseline (Kool et al. 2019; Ahmadian et al. 2024): b_i = mean of the OTHER k-1
+    answers to the same prompt, so it does not depend on answer i and the estimate stays unbiased.
+    (num_prompts*k,), prompt-major. Needs k >= 2."""
+    if group_size < 2:
+        raise ValueError(f"the leave-one-out baseline needs group_size >= 2, got {group_size}")
+    grouped = _groups(scores, group_size)
+    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
+    return baseline.reshape(-1)
+
+
 # -- KL --------------------------------------------------------------------------------------
 
 KL_ESTIMATORS = ("k1", "k3", "abs", "mse")
@@ -165,6 +215,102 @@ def ppo_policy_loss(new_logprobs: Tensor, old_logprobs: Tensor, advantages: Tens
             "ratio_min": ratio_real.min().item(),
         }
     return loss, metrics
+
+
+def policy_gradient_loss(logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                         ref_logprobs: Optional[Tensor] = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
+                         entropy: Optional[Tensor] = None, entropy_coef: float = 0.0
+                         ) -> Tuple[Tensor, Dict[str, float]]:
+    """Plain (on-policy) policy gradient, REINFORCE's surrogate, as a loss to minimise:
+
+        loss = mean_t [-A_t * log pi(a_t)] + kl_coef * mean_t KL_t(pi || ref) - entropy_coef * mean_t H_t
+
+    Inputs (batch, T); means over real tokens. Its gradient is the REINFORCE estimate only for
+    samples drawn from the current policy: reuse the samples with `importance_sampling_loss` or
+    `ppo_policy_loss`. Metrics: `pg_loss`, `kl_ref` (mean per-token KL), `entropy`.
+    """
+    pg_loss = masked_mean(-advantages.detach() * logprobs, mask)
+    loss = pg_loss
+    metrics = {"pg_loss": pg_loss.item()}
+    if ref_logprobs is not None:
+        kl_ref = masked_mean(kl_penalty(logprobs, ref_logprobs.detach(), kl_estimator), mask)
+        loss = loss + kl_coef * kl_ref
+        metrics["kl_ref"] = kl_ref.item()
+    if entropy is not None:
+        entropy_mean = masked_mean(entropy, mask)
+        loss = loss - entropy_coef * entropy_mean
+        metrics["entropy"] = entropy_mean.item()
+    return loss, metrics
+
+
+def importance_sampling_loss(logprobs: Tensor, behavior_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                             clip_ratio: Optional[float] = 10.0) -> Tuple[Tensor, Dict[str, float]]:
+    """Off-policy policy gradient with truncated importance weights: loss = -mean min(w, c) * A.
+
+    w = pi(a) / pi_behaviour(a). Per token when `behavior_logprobs` is (batch, T); per answer when it
+    is (batch,) (the answer's summed log-prob; `advantages` then (batch,) too). A weight above
+    `clip_ratio` is held at it and passes no gradient (truncated IS: bounded variance, some bias).
+    At w = 1 the gradient is exactly REINFORCE's. Metrics: is_ratio_mean/max/min, clipped_fraction.
+    """
+    if behavior_logprobs.dim() == 1:  # sequence-level weights
+        log_w = (logprobs * mask).sum(1) - behavior_logprobs.detach()
+        weight_mask = torch.ones_like(log_w)
+    else:
+        log_w = logprobs - behavior_logprobs.detach()
+        weight_mask = mask
+    weights = log_w.exp()
+    clipped = weights if clip_ratio is None else torch.clamp(weights, max=clip_ratio)
+    loss = masked_mean(-clipped * advantages.detach(), weight_mask)
+    with torch.no_grad():
+        real = weight_mask.bool()
+        w_real = weights[real] if real.any() else weights.new_ones(1)
+        metrics = {
+            "is_ratio_mean": w_real.mean().item(), "is_ratio_max": w_real.max().item(),
+            "is_ratio_min": w_real.min().item(),
+            "clipped_fraction": 0.0 if clip_ratio is None else (w_real > clip_ratio).float().mean().item(),
+        }
+    return loss, metrics
+
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo")
+
+
+def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+             ref_rejected_logps: Tensor, beta: float = 0.1, label_smoothing: float = 0.0,
+             loss_type: str = "sigmoid", labels: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, float]]:
+    """Direct Preference Optimisation (Rafailov et al. 2023). All inputs (batch,): summed answer log-probs.
+
+        h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))
+        sigmoid: -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)   (eps > 0: conservative DPO)
+        ipo:     (h - 1 / (2 beta))^2                                   (Azar et al. 2023)
+
+    `labels` (batch,) are P(chosen is better) for soft AI-feedback pairs: the target becomes
+    labels * (1 - eps) + (1 - labels) * eps. Implicit rewards are beta * (log pi - log ref).
+    Metrics: chosen/rejected reward means, reward accuracy (chosen > rejected), margin mean.
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of {DPO_LOSS_TYPES}")
+    chosen_logratio = policy_chosen_logps - ref_chosen_logps.detach()
+    rejected_logratio = policy_rejected_logps - ref_rejected_logps.detach()
+    h = chosen_logratio - rejected_logratio
+    if loss_type == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        target = torch.ones_like(h) if labels is None else labels.to(h.dtype)
+        target = target * (1.0 - label_smoothing) + (1.0 - target) * label_smoothing
+        logits = beta * h
+        losses = -target * torch.nn.functional.logsigmoid(logits) \
+            - (1.0 - target) * torch.nn.functional.logsigmoid(-logits)
+    with torch.no_grad():
+        chosen_rewards, rejected_rewards = beta * chosen_logratio, beta * rejected_logratio
+        margins = chosen_rewards - rejected_rewards
+        metrics = {
+            "chosen_reward": chosen_rewards.mean().item(), "rejected_reward": rejected_rewards.mean().item(),
+            "reward_accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
+            "reward_margin": margins.mean().item(),
+            "logps_chosen": policy_chosen_logps.mean().item(), "logps_rejected": policy_rejected_logps.mean().item(),
+        }
+    return losses.mean(), metrics
 
 
 def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
@@ -230,6 +376,23 @@ class AdaptiveKLController:
 
     def load_state_dict(self, state: dict) -> None:
         self.value, self.target, self.horizon = (float(state[k]) for k in ("value", "target", "horizon"))
+
+
+# -- reference model ------------------------------------------------------------------------
+
+@torch.no_grad()
+def update_reference(ref_model: torch.nn.Module, policy: torch.nn.Module, method: str = "copy",
+                     alpha: float = 0.99) -> None:
+    """Move a frozen reference towards the policy: "copy" (ref <- policy) or "ema"
+    (ref <- alpha * ref + (1 - alpha) * policy). Parameters are matched in order."""
+    if method not in ("copy", "ema"):
+        raise ValueError(f"unknown reference update {method!r}; choose 'copy' or 'ema'")
+    for ref_p, p in zip(ref_model.parameters(), policy.parameters()):
+        src = p.detach().to(ref_p.device)
+        if method == "copy":
+            ref_p.copy_(src)
+        else:
+            ref_p.mul_(alpha).add_(src, alpha=1 - alpha)
 
 
 # -- running statistics ----------------------------------------------------------------------

@@ -1,0 +1,316 @@
+"""Direct Preference Optimisation on preference pairs (Rafailov et al. 2023): no reward model, no rollouts.
+
+    trainer = DPOTrainer(policy, tokenizer, DPOConfig(beta=0.1))
+    result = trainer.train(pairs, eval_pairs=held_out)       # pairs: hh_rlhf.PreferencePair list
+
+One step: a batch of pairs becomes one (2B, P + R) token batch (chosen rows, then rejected rows;
+prompt left-padded, answer right-padded, the layout every stage uses), the shared
+`logprobs.sequence_logprobs` gives the policy's answer log-probs, and `rl_primitives.dpo_loss`
+compares them with the reference's. The reference's log-probs are computed ONCE for every pair,
+under inference_mode, before training; the reference is then released if this trainer made it.
+Checkpoints use `checkpoint.save_checkpoint` and resume exactly (same weights as an uninterrupted run).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .generation import GenerationConfig, encode_prompts, left_pad
+from .hh_rlhf import PreferencePair
+from .io import append_jsonl
+from .logprobs import sequence_logprobs
+from .ppo_trainer import LR_SCHEDULES, _lr_lambda, disable_dropout
+from .rl_primitives import DPO_LOSS_TYPES, dpo_loss
+
+log = logging.getLogger(__name__)
+
+
+class DPOTrainingError(RuntimeError):
+    """Training cannot go on (too many consecutive non-finite steps)."""
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1                      # implicit-reward scale; smaller = further from the reference
+    loss_type: str = "sigmoid"             # sigmoid (DPO) | ipo
+    label_smoothing: float = 0.0           # conservative DPO: assume this share of labels are flipped
+    use_pair_labels: bool = True           # soft AI-feedback labels (PreferencePair.label) as targets
+    learning_rate: float = 5e-7
+    weight_decay: float = 0.0
+    lr_schedule: str = "linear"            # constant | linear | cosine
+    warmup_steps: int = 0
+    max_grad_norm: Optional[float] = 1.0
+    batch_size: int = 8                    # pairs per step (2x rows in the forward)
+    num_epochs: int = 1
+    max_steps: Optional[int] = None        # stop here (default: num_epochs over the pairs)
+    max_prompt_tokens: int = 512           # longer prompts lose their start
+    max_answer_tokens: int = 512           # longer answers lose their end
+    system_prompt: Optional[str] = None
+    ref_batch_size: int = 16               # pairs per forward when precomputing reference log-probs
+    eval_every: int = 0                    # steps between evals on eval_pairs (0: only at the end)
+    checkpoint_dir: Optional[str] = None
+    checkpoint_every: int = 0              # steps between checkpoints (0: only at the end, if a dir is set)
+    keep_last_checkpoints: int = 3
+    max_bad_steps: int = 3
+    disable_dropout: bool = True
+    seed: int = 0
+    log_file: Optional[str] = None
+
+    def __post_init__(self):
+        def need(ok, name, what):
+            if not ok:
+                raise ValueError(f"DPOConfig.{name} {what}, got {getattr(self, name)!r}")
+        need(self.beta > 0, "beta", "must be > 0")
+        need(self.loss_type in DPO_LOSS_TYPES, "loss_type", f"must be one of {DPO_LOSS_TYPES}")
+        need(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
+        need(self.learning_rate > 0, "learning_rate", "must be > 0")
+        need(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {LR_SCHEDULES}")
+        need(self.batch_size >= 1, "batch_size", "must be >= 1")
+        need(self.num_epochs >= 1, "num_epochs", "must be >= 1")
+        need(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1 or None")
+        need(self.max_prompt_tokens >= 1, "max_prompt_tokens", "must be >= 1")
+        need(self.max_answer_tokens >= 1, "max_answer_tokens", "must be >= 1")
+        need(self.ref_batch_size >= 1, "ref_batch_size", "must be >= 1")
+        need(self.max_bad_steps >= 1, "max_bad_steps", "must be >= 1")
+
+
+class DPOTrainer:
+    """DPO / conservative DPO / IPO on `PreferencePair`s, with a frozen reference (default: a copy
+    of the initial policy) whose log-probs are precomputed once."""
+
+    def __init__(self, policy: nn.Module, tokenizer, config: Optional[DPOConfig] = None,
+                 ref_model: Optional[nn.Module] = None, device=None):
+        self.config = config or DPOConfig()
+        self.device = torch.device(device) if device is not None else next(policy.parameters()).device
+        self.policy = policy.to(self.device)
+        self.tokenizer = tokenizer
+        self._owns_reference = ref_model is None
+        self.ref_model = copy.deepcopy(policy) if ref_model is None else ref_model
+        self.ref_model.requires_grad_(False).eval()
+        if self.config.disable_dropout:
+            disable_dropout(self.policy)
+        self.optimizer = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad],
+                                           lr=self.config.learning_rate, weight_decay=self.config.weight_decay)
+        self.scheduler = None
+        self.step = 0
+        self.history: List[Dict[str, float]] = []
+        self.consecutive_bad_steps = 0
+        self.total_skipped_updates = 0
+        self.ref_logps: Optional[torch.Tensor] = None       # (num_pairs, 2): chosen, rejected
+        self.last_checkpoint: Optional[Path] = None
+
+    # -- tokenisation --------------------------------------------------------------------------
+    def encode(self, pairs: Sequence[PreferencePair]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask, answer_mask) for 2B rows: the chosen answers, then the rejected.
+
+        input_ids is (2B, P + R): prompt left-padded to P, answer (+ end-of-turn) right-padded to R.
+        """
+        cfg = self.config
+        gen_cfg = GenerationConfig(max_prompt_tokens=cfg.max_prompt_tokens, system_prompt=cfg.system_prompt)
+        prompts, _ = encode_prompts(self.tokenizer, [p.prompt for p in pairs], gen_cfg)
+        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        answers = [self.tokenizer(text, add_special_tokens=False)["input_ids"][:cfg.max_answer_tokens - len(eos)] + eos
+                   for text in [p.chosen for p in pairs] + [p.rejected for p in pairs]]
+        p_ids, p_mask = left_pad(prompts + prompts, self.tokenizer.pad_token_id)
+        width = max(len(a) for a in answers)
+        a_ids = torch.full((len(answers), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        a_mask = torch.zeros((len(answers), width), dtype=torch.long)
+        for i, a in enumerate(answers):
+            a_ids[i, :len(a)] = torch.tensor(a)
+            a_mask[i, :len(a)] = 1
+        ids = torch.cat([p_ids, a_ids], 1).to(self.device)
+        attn = torch.cat([p_mask, a_mask], 1).to(self.device)
+        return ids, attn, a_mask.float().to(self.device)
+
+    def answer_logps(self, model: nn.Module, pairs: Sequence[PreferencePair]) -> torch.Tensor:
+        """Summed answer log-probs under `model`. (B, 2): column 0 chosen, column 1 rejected."""
+        ids, attn, mask = self.encode(pairs)
+        logps = sequence_logprobs(model, ids, attn, mask.shape[1])      # (2B, R)
+        summed = (logps * mask).sum(1)                                   # (2B,)
+        return summed.view(2, len(pairs)).T
+
+    @torch.inference_mode()
+    def reference_logps(self, pairs: Sequence[PreferencePair]) -> torch.Tensor:
+        """The reference's (B, 2) answer log-probs for every pair, in batches of `ref_batch_size`."""
+        if self.ref_model is None:
+            raise RuntimeError("the reference model was released after precomputation; build a new DPOTrainer")
+        out = [self.answer_logps(self.ref_model, pairs[i:i + self.config.ref_batch_size])
+               for i in range(0, len(pairs), self.config.ref_batch_size)]
+        return torch.cat(out).float().cpu()
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _labels(self, pairs: Sequence[PreferencePair]) -> Optional[torch.Tensor]:
+        if not self.config.use_pair_labels or all(p.label == 1.0 for p in pairs):
+            return None
+        return torch.tensor([float(p.label) for p in pairs], device=self.device)
+
+    def _batch_indices(self, step: int, num_pairs: int) -> List[int]:
+        """Pairs of a step: epoch e's order is a permutation seeded by (seed, e), so a resumed run
+        sees the same batches without saving any sampler state."""
+        per_epoch = math.ceil(num_pairs / self.config.batch_size)
+        epoch, position = divmod(step, per_epoch)
+        order = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(self.config.seed * 100003 + epoch))
+        start = position * self.config.batch_size
+        return order[start:start + self.config.batch_size].tolist()
+
+    def train(self, pairs: Sequence[PreferencePair], eval_pairs: Optional[Sequence[PreferencePair]] = None,
+              resume_from=None, show_progress: bool = True) -> Dict[str, Any]:
+        """Train; returns {"final_stats", "history", "eval"} (eval: metrics on eval_pairs at the end)."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        pairs = list(pairs)
+        if not pairs:
+            raise ValueError("the preference pair list is empty: give at least one pair")
+        per_epoch = math.ceil(len(pairs) / cfg.batch_size)
+        total = cfg.max_steps or cfg.num_epochs * per_epoch
+        if self.scheduler is None:
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer, _lr_lambda(cfg.lr_schedule, cfg.warmup_steps, total))
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        if self.ref_logps is None or len(self.ref_logps) != len(pairs):
+            t0 = time.perf_counter()
+            self.ref_logps = self.reference_logps(pairs)
+            log.info("reference log-probs for %d pairs in %.1fs", len(pairs), time.perf_counter() - t0)
+        eval_pairs = list(eval_pairs or [])
+        eval_ref = self.reference_logps(eval_pairs) if eval_pairs else None
+        if self._owns_reference:
+            self.ref_model = None  # everything it is needed for is computed: free its memory
+
+        eval_metrics: Dict[str, float] = {}
+        bar = tqdm(total=total, initial=self.step, desc="dpo", disable=not show_progress)
+        while self.step < total:
+            stats = self.train_step(pairs, self._batch_indices(self.step, len(pairs)))
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['reward_accuracy']:.2f}",
+                            margin=f"{stats['reward_margin']:.3f}")
+            if eval_pairs and cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < total:
+                stats.update({f"eval_{k}": v for k, v in self.evaluate(eval_pairs, eval_ref).items()})
+            if cfg.log_file:
+                append_jsonl(cfg.log_file, stats)
+            if cfg.checkpoint_dir and ((cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)
+                                       or self.step == total):
+                self.save_checkpoint(cfg.checkpoint_dir)
+        bar.close()
+        if eval_pairs:
+            eval_metrics = self.evaluate(eval_pairs, eval_ref)
+            log.info("dpo eval: %s", eval_metrics)
+        return {"final_stats": self._final_stats(), "history": list(self.history), "eval": eval_metrics}
+
+    def train_step(self, pairs: Sequence[PreferencePair], idx: List[int]) -> Dict[str, float]:
+        """One optimiser step on pairs[idx]; a non-finite loss or gradient skips it (weights unchanged)."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        batch = [pairs[i] for i in idx]
+        ref = self.ref_logps[idx].to(self.device)                          # (B, 2)
+        self.policy.train()
+        logps = self.answer_logps(self.policy, batch)                      # (B, 2)
+        loss, metrics = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], cfg.beta, cfg.label_smoothing,
+                                 cfg.loss_type, self._labels(batch))
+        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm, skipped = float("nan"), False
+        if torch.isfinite(loss):
+            loss.backward()
+            params = [p for p in self.policy.parameters() if p.grad is not None]
+            if cfg.max_grad_norm is not None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            else:
+                grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad)
+                                                                        for p in params])))
+            skipped = not math.isfinite(grad_norm)
+        else:
+            skipped = True
+        if skipped:
+            log.warning("dpo step %d: non-finite loss/gradient (loss %s, grad norm %s); update skipped",
+                        self.step + 1, loss.item(), grad_norm)
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.policy.eval()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        self.step += 1
+        self.total_skipped_updates += int(skipped)
+        self.consecutive_bad_steps = self.consecutive_bad_steps + 1 if skipped else 0
+        stats = {"step": self.step, "loss": loss.item(), **metrics, "grad_norm": grad_norm, "learning_rate": lr,
+                 "skipped": int(skipped), "time_step_s": time.perf_counter() - t0}
+        self.history.append(stats)
+        if self.consecutive_bad_steps >= cfg.max_bad_steps:
+            where = f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
+            raise DPOTrainingError(f"{self.consecutive_bad_steps} consecutive DPO steps were non-finite "
+                                   f"(max_bad_steps={cfg.max_bad_steps}); lower the learning rate{where}.")
+        return stats
+
+    @torch.no_grad()
+    def evaluate(self, pairs: Sequence[PreferencePair], ref_logps: Optional[torch.Tensor] = None) -> Dict[str, float]:
+        """DPO loss and implicit-reward metrics on `pairs` (reference log-probs computed if not given)."""
+        pairs = list(pairs)
+        ref_logps = self.reference_logps(pairs) if ref_logps is None else ref_logps
+        bs = self.config.ref_batch_size
+        logps = torch.cat([self.answer_logps(self.policy, pairs[i:i + bs]) for i in range(0, len(pairs), bs)])
+        loss, metrics = dpo_loss(logps[:, 0].float().cpu(), logps[:, 1].float().cpu(), ref_logps[:, 0],
+                                 ref_logps[:, 1], self.config.beta, self.config.label_smoothing,
+                                 self.config.loss_type, None)
+        return {"loss": loss.item(), **metrics}
+
+    def _final_stats(self, last: int = 10) -> Dict[str, float]:
+        recent = self.history[-last:]
+
+        def avg(key):
+            vals = [h[key] for h in recent if key in h and math.isfinite(h[key])]
+            return float(sum(vals) / len(vals)) if vals else float("nan")
+        return {"avg_loss": avg("loss"), "avg_reward_accuracy": avg("reward_accuracy"),
+                "avg_reward_margin": avg("reward_margin"), "avg_chosen_reward": avg("chosen_reward"),
+                "avg_rejected_reward": avg("rejected_reward"), "steps": self.step,
+                "skipped_updates": self.total_skipped_updates, "window": len(recent)}
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self, checkpoint_dir, step: Optional[int] = None) -> Path:
+        """`<dir>/checkpoint-<step>`: policy/ (HF format + tokenizer), optimiser, scheduler, history,
+        the reference log-probs (so a resume needs no reference model), RNG states."""
+        step = self.step if step is None else step
+        state = {"step": self.step, "history": self.history, "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                 "ref_logps": self.ref_logps, "consecutive_bad_steps": self.consecutive_bad_steps,
+                 "total_skipped_updates": self.total_skipped_updates}
+        models = {}
+        if hasattr(self.policy, "save_pretrained"):
+            models["policy"] = self.policy
+        else:
+            state["module_states"] = {"policy": self.policy.state_dict()}
+        self.last_checkpoint = ckpt.save_checkpoint(
+            checkpoint_dir, step, models, tokenizer=self.tokenizer, trainer_state=state,
+            metadata={"trainer": "dpo", "config": asdict(self.config)}, keep_last=self.config.keep_last_checkpoints)
+        return self.last_checkpoint
+
+    def load_checkpoint(self, checkpoint_path) -> int:
+        loaded = ckpt.load_checkpoint(checkpoint_path, restore_rng=True)
+        state = loaded.trainer_state
+        if "policy" in state.get("module_states", {}):
+            self.policy.load_state_dict(state["module_states"]["policy"])
+        else:
+            ckpt.load_model_weights(self.policy, loaded.model_dir("policy"))
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.history = list(state["history"])
+        self.ref_logps = state.get("ref_logps")
+        self.consecutive_bad_steps = int(state.get("consecutive_bad_steps", 0))
+        self.total_skipped_updates = int(state.get("total_skipped_updates", 0))
+        self.last_checkpoint = loaded.path
+        log.info("resumed DPO from %s at step %d", loaded.path, self.step)
+        return self.step
+
+
+__all__ = ["DPOConfig", "DPOTrainer", "DPOTrainingError"]
