@@ -35,11 +35,13 @@ from src.models.heads import (ScalarHeadModel, ValueModel, _score_head, last_tok
 
 from . import checkpoint as ckpt
 from .generation import GenerationConfig, GenerationOutput, generate, to_messages, tokenize_prompts
+from . import distributed as ddp
+from .interrupts import GracefulInterrupt, interrupted
 from .io import append_jsonl
 from .logprobs import selective_log_softmax, sequence_logprobs
 from .rl_primitives import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, RunningMeanStd,
                             clipped_value_loss, compute_gae, conservative_kl_penalty, explained_variance,
-                            kl_penalty, masked_mean, masked_whiten, ppo_policy_loss, update_reference)
+                            kl_penalty, masked_mean, masked_whiten, ppo_policy_loss)
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +238,8 @@ class PPOTrainer:
         if value_model is None:
             value_model = ValueModel.from_causal_lm(policy_model, device=self.device)
         self.value_model = value_model.to(self.device)
+        for model in (self.policy, self.value_model):  # under torchrun: every rank starts from rank 0's
+            ddp.broadcast_model(model)
         self.reward_model = reward_model.to(frozen_device)
         self.reward_model.requires_grad_(False).eval()
         self._check_reward_vocab()
@@ -425,8 +429,8 @@ class PPOTrainer:
             mean, std = model_stats
             scores = (scores - mean) / max(std, 1e-8)
         elif mode == "running":
-            if update_stats:
-                self.reward_stats.update(scores)
+            if update_stats:  # with every rank's scores, so the statistics stay equal across ranks
+                self.reward_stats.update(ddp.all_gather_cat(scores))
             scores = self.reward_stats.normalize(scores)
         if self.config.score_clip is not None:
             scores = scores.clamp(-self.config.score_clip, self.config.score_clip)
@@ -462,7 +466,7 @@ class PPOTrainer:
         raw_advantage_mean = masked_mean(advantages, mask).item()
         if cfg.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
-        rollout_finite = all(torch.isfinite(t).all() for t in (rewards, advantages, returns))
+        rollout_finite = ddp.all_true(all(torch.isfinite(t).all() for t in (rewards, advantages, returns)))
 
         # update epochs over shuffled mini-batches
         self.policy.train()
@@ -485,7 +489,7 @@ class PPOTrainer:
                     continue
                 for k, v in metrics.items():
                     acc.setdefault(k, []).append(v)
-                if cfg.early_stop_kl is not None and metrics["approx_kl"] > cfg.early_stop_kl:
+                if cfg.early_stop_kl is not None and ddp.all_reduce_mean(metrics["approx_kl"]) > cfg.early_stop_kl:
                     stop = True
                     break
             epochs_done += 1
@@ -499,7 +503,7 @@ class PPOTrainer:
         self.consecutive_bad_steps = self.consecutive_bad_steps + 1 if skipped else 0
         kl_per_answer = (kl_penalty(rollout.logprobs, rollout.ref_logprobs, "k1") * mask).sum(1)
         beta_used = self.kl_ctl.value
-        self.kl_ctl.update(kl_per_answer.mean().item(), batch)
+        self.kl_ctl.update(ddp.all_reduce_mean(kl_per_answer.mean().item()), batch * ddp.world_size())
         for scheduler in (self.policy_scheduler, self.value_scheduler):
             if scheduler is not None:
                 scheduler.step()
@@ -566,12 +570,13 @@ class PPOTrainer:
 
         self.policy_optimizer.zero_grad(set_to_none=True)
         self.value_optimizer.zero_grad(set_to_none=True)
-        if not (torch.isfinite(policy_loss) and torch.isfinite(value_loss)):
+        if not ddp.all_true(bool(torch.isfinite(policy_loss) and torch.isfinite(value_loss))):
             log.warning("step %d: non-finite loss (policy %s, value %s); update skipped",
                         self.step + 1, policy_loss.item(), value_loss.item())
             return None
         policy_loss.backward()
         value_loss.backward()
+        ddp.sync_gradients(self.policy, self.value_model)  # mean over ranks, before clipping
         p_norm = _grad_norm(self.policy, cfg.max_grad_norm)
         v_norm = _grad_norm(self.value_model, cfg.value_max_grad_norm if cfg.value_max_grad_norm is not None
                             else cfg.max_grad_norm)
@@ -592,7 +597,13 @@ class PPOTrainer:
         cfg = self.config
         if cfg.ref_update == "none" or self.step % cfg.ref_update_every:
             return
-        update_reference(self.ref_model, self.policy, cfg.ref_update, cfg.ref_ema_alpha)
+        with torch.no_grad():
+            for ref_p, p in zip(self.ref_model.parameters(), self.policy.parameters()):
+                src = p.detach().to(ref_p.device)
+                if cfg.ref_update == "copy":
+                    ref_p.copy_(src)
+                else:
+                    ref_p.mul_(cfg.ref_ema_alpha).add_(src, alpha=1 - cfg.ref_ema_alpha)
 
     # -- the loop ----------------------------------------------------------------------------
     def train(self, prompts: Sequence, num_steps: int = 100, batch_size: int = 4, num_epochs_per_batch: int = 4,
@@ -613,11 +624,25 @@ class PPOTrainer:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if self.policy_scheduler is None:
             self._build_schedulers(num_steps)
+        if batch_size % ddp.world_size():
+            raise ValueError(f"batch_size={batch_size} must be a multiple of the number of processes "
+                             f"({ddp.world_size()}): each rank generates an equal share")
         if resume_from is not None:
             self.load_checkpoint(resume_from)
-        bar = tqdm(total=num_steps, initial=self.step, desc="ppo", disable=not show_progress)
+        if ddp.world_size() > 1:  # ranks sample different answers (docs/distributed.md: seeding rule)
+            torch.manual_seed(ddp.sampling_seed(self.config.seed + self.step))
+        bar = tqdm(total=num_steps, initial=self.step, desc="ppo", disable=not show_progress or not ddp.is_main_process())
+        with GracefulInterrupt() as stop:  # Ctrl-C: finish the step, save a checkpoint, stop
+            self._train_loop(prompts, num_steps, batch_size, num_epochs_per_batch, max_length, temperature,
+                             checkpoint_dir, checkpoint_freq, bar, stop)
+        bar.close()
+        return {"final_stats": self._final_stats(), "history": list(self.history)}
+
+    def _train_loop(self, prompts, num_steps, batch_size, num_epochs_per_batch, max_length, temperature,
+                    checkpoint_dir, checkpoint_freq, bar, stop: GracefulInterrupt) -> None:
         while self.step < num_steps:
-            batch = self._sample_prompts(prompts, batch_size)
+            # every rank draws the same prompts (same sampler state) and keeps its share
+            batch = ddp.shard(self._sample_prompts(prompts, batch_size))
             stats = self.train_step(batch, num_epochs_per_batch, max_length, temperature)
             bar.update(1)
             bar.set_postfix(score=f"{stats['mean_score']:.3f}", kl=f"{stats['kl_divergence']:.2f}",
@@ -625,13 +650,15 @@ class PPOTrainer:
             log.info("step %d score %.4f reward %.4f kl %.4f clipfrac %.3f len %.1f %.1fs", self.step,
                      stats["mean_score"], stats["mean_reward"], stats["kl_divergence"], stats["clipfrac"],
                      stats["answer_length"], stats["time_step_s"])
-            if self.config.log_file:
+            if self.config.log_file and ddp.is_main_process():
                 append_jsonl(self.config.log_file, stats)
             if checkpoint_dir is not None and checkpoint_freq and (self.step % checkpoint_freq == 0
                                                                    or self.step == num_steps):
                 self.save_checkpoint(checkpoint_dir, self.step)
-        bar.close()
-        return {"final_stats": self._final_stats(), "history": list(self.history)}
+            if stop.should_stop():
+                where = self.save_checkpoint(checkpoint_dir, self.step) if checkpoint_dir is not None else \
+                    "(nowhere: no checkpoint_dir was given)"
+                raise interrupted("PPO", self.step, where)
 
     def _sample_prompts(self, prompts: List, batch_size: int) -> List:
         if batch_size <= len(prompts):
@@ -687,9 +714,12 @@ class PPOTrainer:
                 models[name] = model
             else:  # a plain nn.Module (the guide's interface): its weights ride in trainer_state
                 state.setdefault("module_states", {})[name] = model.state_dict()
-        self.last_checkpoint = ckpt.save_checkpoint(
-            checkpoint_dir, step, models, tokenizer=self.tokenizer, trainer_state=state,
-            metadata={"trainer": "ppo", "config": asdict(self.config)}, keep_last=self.config.keep_last_checkpoints)
+        if ddp.is_main_process():  # ranks hold identical weights: one writer, the others wait
+            ckpt.save_checkpoint(
+                checkpoint_dir, step, models, tokenizer=self.tokenizer, trainer_state=state,
+                metadata={"trainer": "ppo", "config": asdict(self.config)}, keep_last=self.config.keep_last_checkpoints)
+        ddp.barrier()
+        self.last_checkpoint = ckpt.checkpoint_path(checkpoint_dir, step)
         return self.last_checkpoint
 
     def load_checkpoint(self, checkpoint_path) -> int:

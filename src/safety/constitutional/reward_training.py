@@ -38,9 +38,11 @@ from tqdm.auto import tqdm
 
 from src.models.heads import RewardModel, last_token_index, position_ids_from_mask
 
-from .checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
+from . import distributed as ddp
+from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
 from .generation import render_prompt
 from .hh_rlhf import PreferencePair
+from .interrupts import GracefulInterrupt, interrupted
 from .io import append_jsonl, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -296,6 +298,7 @@ class RewardTrainer:
         self.config = config or RewardTrainerConfig()
         self.output_dir = Path(self.config.output_dir)
         self.first_trainable = freeze_bottom(reward_model, self.config.trainable_layers)
+        ddp.broadcast_model(reward_model)  # under torchrun every rank starts from rank 0's weights
         self.use_cache = self.config.trainable_layers is not None and self.config.cache_frozen_features
         self.bad_steps = 0
         self.global_step = 0
@@ -369,7 +372,7 @@ class RewardTrainer:
 
     def _log(self, record: dict) -> None:
         self.history.append(record)
-        if self.config.log_file:
+        if self.config.log_file and ddp.is_main_process():
             append_jsonl(self.config.log_file, record)
 
     # .. main loop .................................................................................
@@ -410,55 +413,74 @@ class RewardTrainer:
         eval_features = (self._cached_features(1, eval_encoded, "caching frozen layers (eval)")
                          if self.use_cache and eval_pairs else None)
 
-        for epoch in range(start_epoch, cfg.num_epochs):
-            # The order depends only on (seed, epoch), so a resumed run replays the same batches.
-            batches = length_bucketed_batches(lengths, cfg.batch_size, random.Random(cfg.seed * 1000 + epoch))
-            if epoch == start_epoch and skip_batches:
-                batches = batches[skip_batches:]
-            self.model.train()
-            bar = tqdm(batches, desc=f"reward model epoch {epoch + 1}/{cfg.num_epochs}",
-                       disable=not cfg.show_progress)
-            run_loss, run_acc, run_n = 0.0, 0.0, 0
-            for idx in bar:
-                r_c, r_r = self._batch_rewards(encoded, idx, features)
-                loss = bradley_terry_loss(r_c, r_r, self._labels(train_pairs, idx), cfg.margin)
-                optimizer.zero_grad(set_to_none=True)
-                ok = bool(torch.isfinite(loss))
-                if ok:
-                    loss.backward()
-                    grad_norm = torch.nn.utils.clip_grad_norm_(
-                        [p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
-                    ok = bool(torch.isfinite(grad_norm))
-                if not ok:
-                    self.bad_steps += 1
+        stop = GracefulInterrupt().install()  # Ctrl-C: finish the step, save, stop
+        try:
+            for epoch in range(start_epoch, cfg.num_epochs):
+                # The order depends only on (seed, epoch), so a resumed run replays the same batches.
+                batches = length_bucketed_batches(lengths, cfg.batch_size, random.Random(cfg.seed * 1000 + epoch))
+                if epoch == start_epoch and skip_batches:
+                    batches = batches[skip_batches:]
+                self.model.train()
+                bar = tqdm(batches, desc=f"reward model epoch {epoch + 1}/{cfg.num_epochs}",
+                           disable=not cfg.show_progress)
+                run_loss, run_acc, run_n = 0.0, 0.0, 0
+                for idx in bar:
+                    # Under torchrun each rank scores its share of the batch; scaling the share's mean
+                    # loss by share * ranks / batch makes the ranks' mean gradient the whole batch's.
+                    local = ddp.shard(idx)
                     optimizer.zero_grad(set_to_none=True)
-                    log.warning("non-finite loss or gradient at step %d: skipped (%d so far)",
-                                self.global_step, self.bad_steps)
-                    if self.bad_steps > cfg.max_bad_steps:
-                        raise RuntimeError(
-                            f"reward training stopped: {self.bad_steps} steps had a NaN/inf loss or gradient "
-                            f"(max_bad_steps={cfg.max_bad_steps}). Lower the learning rate, check the pairs "
-                            "for empty answers, or train in float32.")
-                else:
-                    optimizer.step()
-                with warnings.catch_warnings():  # a skipped first step triggers torch's order warning
-                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-                    scheduler.step()
-                self.global_step += 1
-                acc = ((r_c - r_r) > 0).float().mean().item()
-                run_loss, run_acc, run_n = run_loss + (loss.item() if ok else 0.0), run_acc + acc, run_n + 1
-                bar.set_postfix(loss=f"{run_loss / run_n:.3f}", acc=f"{run_acc / run_n:.3f}")
-                if self.global_step % cfg.log_every == 0:
-                    self._log({"step": self.global_step, "epoch": epoch, "loss": run_loss / run_n,
-                               "accuracy": run_acc / run_n, "lr": scheduler.get_last_lr()[0],
-                               "bad_steps": self.bad_steps, "elapsed_s": round(time.time() - started, 1)})
-                if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
-                    self.save_checkpoint(optimizer, scheduler)
-            if eval_pairs:
-                metrics = self._evaluate_encoded(eval_pairs, eval_encoded, eval_features)
-                self._log({"step": self.global_step, "epoch": epoch, **{f"eval_{k}": v for k, v in metrics.items()}})
-                log.info("epoch %d eval: accuracy %.3f margin %.3f", epoch + 1, metrics["accuracy"],
-                         metrics["mean_margin"])
+                    if local:
+                        r_c, r_r = self._batch_rewards(encoded, local, features)
+                        loss = bradley_terry_loss(r_c, r_r, self._labels(train_pairs, local), cfg.margin)
+                        if ddp.world_size() > 1:
+                            loss = loss * (len(local) * ddp.world_size() / len(idx))
+                    else:  # fewer pairs than ranks: this rank contributes zero gradients
+                        r_c = r_r = torch.zeros(0)
+                        loss = torch.zeros(())
+                    ok = ddp.all_true(bool(torch.isfinite(loss)))  # all ranks skip together or none does
+                    if ok:
+                        if local:
+                            loss.backward()
+                        ddp.sync_gradients(self.model)
+                        grad_norm = torch.nn.utils.clip_grad_norm_(
+                            [p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
+                        ok = bool(torch.isfinite(grad_norm))
+                    if not ok:
+                        self.bad_steps += 1
+                        optimizer.zero_grad(set_to_none=True)
+                        log.warning("non-finite loss or gradient at step %d: skipped (%d so far)",
+                                    self.global_step, self.bad_steps)
+                        if self.bad_steps > cfg.max_bad_steps:
+                            raise RuntimeError(
+                                f"reward training stopped: {self.bad_steps} steps had a NaN/inf loss or gradient "
+                                f"(max_bad_steps={cfg.max_bad_steps}). Lower the learning rate, check the pairs "
+                                "for empty answers, or train in float32.")
+                    else:
+                        optimizer.step()
+                    with warnings.catch_warnings():  # a skipped first step triggers torch's order warning
+                        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                        scheduler.step()
+                    self.global_step += 1
+                    acc = ddp.all_reduce_mean(((r_c - r_r) > 0).float().mean().item() if local else 0.0)
+                    loss_value = ddp.all_reduce_mean(loss.item()) if ok else 0.0
+                    run_loss, run_acc, run_n = run_loss + loss_value, run_acc + acc, run_n + 1
+                    bar.set_postfix(loss=f"{run_loss / run_n:.3f}", acc=f"{run_acc / run_n:.3f}")
+                    if self.global_step % cfg.log_every == 0:
+                        self._log({"step": self.global_step, "epoch": epoch, "loss": run_loss / run_n,
+                                   "accuracy": run_acc / run_n, "lr": scheduler.get_last_lr()[0],
+                                   "bad_steps": self.bad_steps, "elapsed_s": round(time.time() - started, 1)})
+                    if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
+                        self.save_checkpoint(optimizer, scheduler)
+                    if stop.should_stop():
+                        raise interrupted("reward-model training", self.global_step,
+                                          self.save_checkpoint(optimizer, scheduler))
+                if eval_pairs:
+                    metrics = self._evaluate_encoded(eval_pairs, eval_encoded, eval_features)
+                    self._log({"step": self.global_step, "epoch": epoch, **{f"eval_{k}": v for k, v in metrics.items()}})
+                    log.info("epoch %d eval: accuracy %.3f margin %.3f", epoch + 1, metrics["accuracy"],
+                             metrics["mean_margin"])
+        finally:
+            stop.restore()
 
         # Normalisation statistics for PPO: rewards over chosen + rejected of the reference set.
         reference = (eval_pairs, eval_encoded, eval_features) if eval_pairs else (train_pairs, encoded, features)
@@ -466,11 +488,14 @@ class RewardTrainer:
         self.model.set_reward_stats(final["reward_mean"], final["reward_std"])
         self.model.config.reward_max_length = cfg.max_length  # evaluate/score with the trained context
         self.save_checkpoint(optimizer, scheduler)
-        self.save_final()
+        if ddp.is_main_process():
+            self.save_final()
         summary = {"steps": self.global_step, "bad_steps": self.bad_steps, "train_pairs": len(train_pairs),
                    "eval_pairs": len(eval_pairs), "elapsed_s": round(time.time() - started, 1),
                    **{f"eval_{k}": v for k, v in final.items()}}
-        atomic_write_json(self.output_dir / "train_summary.json", {"summary": summary, "config": asdict(cfg)})
+        if ddp.is_main_process():
+            atomic_write_json(self.output_dir / "train_summary.json", {"summary": summary, "config": asdict(cfg)})
+        ddp.barrier()
         return summary
 
     @torch.inference_mode()
@@ -496,10 +521,13 @@ class RewardTrainer:
     def save_checkpoint(self, optimizer, scheduler) -> Path:
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "bad_steps": self.bad_steps}
-        return save_checkpoint(self.output_dir / "checkpoints", self.global_step, {MODEL_NAME: self.model},
-                               tokenizer=self.tokenizer, trainer_state=state,
-                               metadata={"stage": "reward_model", "config": asdict(self.config)},
-                               keep_last=self.config.keep_checkpoints)
+        root = self.output_dir / "checkpoints"
+        if ddp.is_main_process():  # ranks hold identical weights: one writer
+            save_checkpoint(root, self.global_step, {MODEL_NAME: self.model}, tokenizer=self.tokenizer,
+                            trainer_state=state, metadata={"stage": "reward_model", "config": asdict(self.config)},
+                            keep_last=self.config.keep_checkpoints)
+        ddp.barrier()
+        return checkpoint_path(root, self.global_step)
 
     def save_final(self) -> Path:
         """The trained model as a plain HF directory (with tokenizer and reward stats), written atomically."""

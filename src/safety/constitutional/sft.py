@@ -29,8 +29,10 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
+from . import distributed as ddp
+from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
 from .generation import render_prompt
+from .interrupts import GracefulInterrupt, interrupted
 from .io import append_jsonl
 
 log = logging.getLogger(__name__)
@@ -225,6 +227,7 @@ class SFTTrainer:
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; use src.models.loading.prepare_tokenizer")
         self.device = next(model.parameters()).device
+        ddp.broadcast_model(model)  # under torchrun every rank starts from rank 0's weights
 
     # -- losses ------------------------------------------------------------------------------------
     def _token_losses(self, batch: Dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -299,8 +302,9 @@ class SFTTrainer:
         start_time = time.time()
         self.model.train()
         bar = tqdm(total=total_steps, initial=start_step, desc="sft", unit="step",
-                   disable=not cfg.show_progress, dynamic_ncols=True)
+                   disable=not cfg.show_progress or not ddp.is_main_process(), dynamic_ncols=True)
         last_ckpt = None
+        stop = GracefulInterrupt().install()  # Ctrl-C: finish the step, save, stop
         try:
             for step in range(start_step, total_steps):
                 epoch, step_in_epoch = divmod(step, steps_per_epoch)
@@ -316,7 +320,11 @@ class SFTTrainer:
                     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}")
                 if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total_steps:
                     last_ckpt = self._save(step + 1, optimizer, scheduler, fingerprint, state)
+                if stop.should_stop():
+                    last_ckpt = self._save(step + 1, optimizer, scheduler, fingerprint, state)
+                    raise interrupted("SFT", step + 1, last_ckpt)
         finally:
+            stop.restore()
             bar.close()
 
         eval_after = self.evaluate(eval_ex)
@@ -351,18 +359,27 @@ class SFTTrainer:
         micro = [collate([examples[i] for i in batch], self.tokenizer.pad_token_id) for batch in group]
         # Normalise by the answer tokens of the whole step, so accumulation equals one big batch.
         n_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+        # Under torchrun each rank takes its share of every micro-batch; its loss is scaled by the
+        # number of ranks so that the mean over ranks (sync_gradients) is the whole step's gradient.
+        shares = [ddp.shard(batch) for batch in group]
+        scale = ddp.world_size() / max(n_tokens, 1)
         optimizer.zero_grad(set_to_none=True)
         total_loss, finite = 0.0, True
-        for batch in micro:
-            loss_sum, _ = self._token_losses(batch)
-            loss = loss_sum / max(n_tokens, 1)
+        for share in shares:
+            if not share:  # fewer examples than ranks: this rank adds zero gradient
+                continue
+            loss_sum, _ = self._token_losses(collate([examples[i] for i in share], self.tokenizer.pad_token_id))
+            loss = loss_sum * scale if ddp.world_size() > 1 else loss_sum / max(n_tokens, 1)
             if not torch.isfinite(loss):
                 finite = False
                 break
             loss.backward()
             total_loss += float(loss.detach())
+        finite = ddp.all_true(finite)  # every rank skips together, before any gradient collective
+        total_loss = ddp.all_reduce_mean(total_loss) if finite else total_loss
         grad_norm = float("nan")
         if finite:
+            ddp.sync_gradients(self.model)
             params = [p for p in self.model.parameters() if p.grad is not None]
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
@@ -403,9 +420,12 @@ class SFTTrainer:
             "data_fingerprint": fingerprint,
         }
         config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()}
-        return save_checkpoint(self.config.output_dir, step, {MODEL_NAME: self.model}, self.tokenizer,
-                               trainer_state=trainer_state, metadata={"stage": "sft", "config": config},
-                               keep_last=self.config.keep_last)
+        if ddp.is_main_process():  # ranks hold identical weights: one writer, the others wait
+            save_checkpoint(self.config.output_dir, step, {MODEL_NAME: self.model}, self.tokenizer,
+                            trainer_state=trainer_state, metadata={"stage": "sft", "config": config},
+                            keep_last=self.config.keep_last)
+        ddp.barrier()
+        return checkpoint_path(self.config.output_dir, step)
 
     def _resume(self, path, optimizer, scheduler, fingerprint: str, state: dict) -> dict:
         resolved = latest_checkpoint(path)
@@ -425,5 +445,5 @@ class SFTTrainer:
         return state
 
     def _log(self, record: dict) -> None:
-        if self.config.log_file:
+        if self.config.log_file and ddp.is_main_process():
             append_jsonl(self.config.log_file, {"stage": "sft", "time": time.time(), **record})

@@ -1,0 +1,70 @@
+"""One rank of the 2-process test in tests/test_distributed.py (run under torch.distributed.run).
+
+Rank r builds its models with seed r, so the ranks only agree if the trainers broadcast rank 0's
+weights at the start; it then trains a reward model (2 steps) and PPO (2 steps) and writes its
+flattened weights to <out>/rank<r>.pt for the test to compare.
+"""
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from src.models import RewardModel, ValueModel, build_tiny_llama, load_tokenizer  # noqa: E402
+from src.safety.constitutional import distributed as ddp  # noqa: E402
+from src.safety.constitutional.hh_rlhf import PreferencePair  # noqa: E402
+from src.safety.constitutional.ppo_trainer import PPOConfig, PPOTrainer  # noqa: E402
+from src.safety.constitutional.reward_training import RewardTrainer, RewardTrainerConfig  # noqa: E402
+
+PROMPTS = ["Say hi", "Name a colour.", "What is two plus two?", "Tell me a short joke about cats."]
+
+
+def flat(model) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).float() for p in model.parameters()]).clone()
+
+
+def toy_pairs(n):
+    return [PreferencePair([{"role": "user", "content": f"Question {i}?"}], f"yes {i}", f"no {i}") for i in range(n)]
+
+
+def rm_config(out: Path) -> RewardTrainerConfig:
+    return RewardTrainerConfig(output_dir=str(out / "rm"), batch_size=4, num_epochs=1, max_length=32,
+                               learning_rate=1e-3, eval_fraction=0.0, show_progress=False, log_every=1,
+                               warmup_ratio=0.0)
+
+
+def main(out: Path) -> None:
+    assert ddp.init_distributed(), "expected WORLD_SIZE=2 from torchrun"
+    tok = load_tokenizer("default")
+    r = ddp.rank()
+
+    # -- reward model: rank r starts from seed r; the trainer's broadcast must make them equal
+    lm, _ = build_tiny_llama(tok, seed=10 + r)
+    rm = RewardModel.from_causal_lm(lm, device="cpu", head_init_std=0.02)
+    trainer = RewardTrainer(rm, tok, rm_config(out))
+    rm_start = flat(rm)
+    trainer.train(toy_pairs(8))  # 2 steps of 4 pairs, 2 per rank
+    rm_after = flat(rm)
+
+    # -- PPO: 2 steps, 2 prompts per step (1 per rank)
+    policy, _ = build_tiny_llama(tok, seed=20 + r)
+    reward = RewardModel.from_causal_lm(build_tiny_llama(tok, seed=1)[0], device="cpu", head_init_std=0.5)
+    value = ValueModel.from_causal_lm(policy, device="cpu")
+    ppo = PPOTrainer(policy, value, reward, tok, "cpu",
+                     config=PPOConfig(learning_rate=1e-3, mini_batch_size=1, reward_normalization="running"))
+    ppo_start = flat(ppo.policy)
+    result = ppo.train(PROMPTS, num_steps=2, batch_size=2, num_epochs_per_batch=1, max_length=4,
+                       checkpoint_dir=out / "ppo", checkpoint_freq=1, show_progress=False)
+    torch.save({"rank": r, "world_size": ddp.world_size(), "rm_start": rm_start, "rm_after": rm_after,
+                "ppo_start": ppo_start, "ppo_policy": flat(ppo.policy), "ppo_value": flat(ppo.value_model),
+                "ppo_ref": flat(ppo.ref_model), "ppo_scores": [h["mean_score"] for h in result["history"]],
+                "reward_stats": [ppo.reward_stats.mean, ppo.reward_stats.std]},
+               out / f"rank{r}.pt")
+    ddp.destroy_distributed()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)  # two ranks share the cores
+    main(Path(sys.argv[1]))
