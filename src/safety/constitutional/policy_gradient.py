@@ -95,11 +95,12 @@ class GRPOConfig(PolicyGradientConfig):
 
 @dataclass
 class RLOOConfig(PolicyGradientConfig):
-    """RLOO defaults (Ahmadian et al. 2024 / TRL): k=4, KL in the reward (beta 0.05), REINFORCE surrogate."""
+    """RLOO defaults (Ahmadian et al. 2024): k=4, KL in the reward (beta 0.05), REINFORCE surrogate
+    (importance-weighted, so extra epochs over a rollout stay corrected)."""
 
     algorithm: str = "rloo"
     group_size: int = 4
-    policy_loss: str = "vanilla"
+    policy_loss: str = "importance_sampling"  # = REINFORCE on the first epoch, IS-corrected after
     kl_penalty: float = 0.05
     whiten_advantages: bool = False
 
@@ -110,7 +111,7 @@ class REINFORCEConfig(PolicyGradientConfig):
 
     algorithm: str = "reinforce"
     group_size: int = 1
-    policy_loss: str = "vanilla"
+    policy_loss: str = "importance_sampling"  # = REINFORCE on the first epoch, IS-corrected after
     kl_penalty: float = 0.05
     whiten_advantages: bool = False
 
@@ -262,6 +263,8 @@ class PolicyGradientTrainer(PPOTrainer):
             "ratio_max": max(acc.get("ratio_max", [float("nan")])),
             "ratio_min": min(acc.get("ratio_min", [float("nan")])),
             "is_clipped_fraction": mean("clipped_fraction"),
+            "conservative_penalty": mean("conservative_penalty"),   # conservative_kl_coef > 0 only
+            "kl_violation": mean("kl_violation"),                   # share of updates beyond the threshold
             "entropy": mean("entropy"),
             "policy_grad_norm": mean("policy_grad_norm"),
             "answer_length": mask.sum(1).mean().item(),
@@ -307,7 +310,10 @@ class PolicyGradientTrainer(PPOTrainer):
         loss = loss - cfg.entropy_coef * entropy_mean
         if cfg.conservative_kl_coef:
             kl_ref_c = masked_mean(kl_penalty(new_logprobs, ref_logprobs, "k3"), mask)
-            loss = loss + conservative_kl_penalty(kl_ref_c, cfg.conservative_kl_threshold, cfg.conservative_kl_coef)
+            wall = conservative_kl_penalty(kl_ref_c, cfg.conservative_kl_threshold, cfg.conservative_kl_coef)
+            loss = loss + wall
+            metrics.update(conservative_penalty=wall.item(),
+                           kl_violation=float(kl_ref_c.item() > cfg.conservative_kl_threshold))
 
         self.policy_optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
