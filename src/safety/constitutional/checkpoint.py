@@ -73,7 +73,11 @@ def save_checkpoint(root, step: int, models: Dict[str, object], tokenizer=None,
             old = root / f".old-{target.name}"
             shutil.rmtree(old, ignore_errors=True)
             os.replace(target, old)
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(old, target)  # put the previous checkpoint back before reporting the error
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)

@@ -656,8 +656,11 @@ class PPOTrainer:
                                                                    or self.step == num_steps):
                 self.save_checkpoint(checkpoint_dir, self.step)
             if stop.should_stop():
-                where = self.save_checkpoint(checkpoint_dir, self.step) if checkpoint_dir is not None else \
-                    "(nowhere: no checkpoint_dir was given)"
+                where = "(nowhere: no checkpoint_dir was given)"
+                if checkpoint_dir is not None:
+                    where = ckpt.checkpoint_path(checkpoint_dir, self.step)
+                    if self.last_checkpoint != where:  # not saved at this step yet
+                        where = self.save_checkpoint(checkpoint_dir, self.step)
                 raise interrupted("PPO", self.step, where)
 
     def _sample_prompts(self, prompts: List, batch_size: int) -> List:

@@ -454,7 +454,8 @@ class RewardTrainer:
                             raise RuntimeError(
                                 f"reward training stopped: {self.bad_steps} steps had a NaN/inf loss or gradient "
                                 f"(max_bad_steps={cfg.max_bad_steps}). Lower the learning rate, check the pairs "
-                                "for empty answers, or train in float32.")
+                                "for empty answers, or train in float32; the last good checkpoint is in "
+                                f"{self.output_dir / 'checkpoints'}.")
                     else:
                         optimizer.step()
                     with warnings.catch_warnings():  # a skipped first step triggers torch's order warning
@@ -469,11 +470,13 @@ class RewardTrainer:
                         self._log({"step": self.global_step, "epoch": epoch, "loss": run_loss / run_n,
                                    "accuracy": run_acc / run_n, "lr": scheduler.get_last_lr()[0],
                                    "bad_steps": self.bad_steps, "elapsed_s": round(time.time() - started, 1)})
-                    if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
+                    saved = cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0
+                    if saved:
                         self.save_checkpoint(optimizer, scheduler)
                     if stop.should_stop():
-                        raise interrupted("reward-model training", self.global_step,
-                                          self.save_checkpoint(optimizer, scheduler))
+                        where = (checkpoint_path(self.output_dir / "checkpoints", self.global_step) if saved
+                                 else self.save_checkpoint(optimizer, scheduler))
+                        raise interrupted("reward-model training", self.global_step, where)
                 if eval_pairs:
                     metrics = self._evaluate_encoded(eval_pairs, eval_encoded, eval_features)
                     self._log({"step": self.global_step, "epoch": epoch, **{f"eval_{k}": v for k, v in metrics.items()}})

@@ -321,7 +321,8 @@ class SFTTrainer:
                 if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total_steps:
                     last_ckpt = self._save(step + 1, optimizer, scheduler, fingerprint, state)
                 if stop.should_stop():
-                    last_ckpt = self._save(step + 1, optimizer, scheduler, fingerprint, state)
+                    if last_ckpt is None or Path(last_ckpt).name != checkpoint_path("", step + 1).name:
+                        last_ckpt = self._save(step + 1, optimizer, scheduler, fingerprint, state)
                     raise interrupted("SFT", step + 1, last_ckpt)
         finally:
             stop.restore()
