@@ -246,7 +246,6 @@ class PolicyGradientTrainer(PPOTrainer):
         group_std = rollout.scores.view(-1, k).std(1).mean().item() if k > 1 else float("nan")
         stats = {
             "step": self.step,
-            "algorithm": cfg.algorithm,
             "policy_loss": mean("policy_loss"),
             "kl_divergence": kl_per_answer.mean().item(),   # nats per answer, k1, rollout vs reference
             "kl_per_token": masked_mean(kl_penalty(rollout.logprobs, rollout.ref_logprobs, "k1"), mask).item(),
