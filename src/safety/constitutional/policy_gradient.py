@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from . import distributed as ddp
 from .logprobs import sequence_logprobs
 from .ppo_trainer import PPOConfig, PPOTrainer, PPOTrainingError, Rollout
 from .rl_primitives import (conservative_kl_penalty, discounted_returns, group_advantages,
@@ -142,10 +143,6 @@ class PolicyGradientTrainer(PPOTrainer):
                  reward_tokenizer=None, value_model: Optional[nn.Module] = None):
         if value_model is not None:
             raise ValueError("GRPO/RLOO/REINFORCE use no value model: pass value_model=None")
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            # the update below does not average gradients across ranks yet: refuse rather than diverge
-            raise NotImplementedError("GRPO/RLOO/REINFORCE run in one process only for now; launch without torchrun")
         config = config if config is not None else GRPOConfig()
         if not isinstance(config, PolicyGradientConfig):
             raise TypeError(f"config must be a PolicyGradientConfig (GRPOConfig, RLOOConfig, REINFORCEConfig), "
@@ -177,7 +174,7 @@ class PolicyGradientTrainer(PPOTrainer):
             if cfg.algorithm == "rloo":
                 baseline = rloo_baseline(returns[:, 0], cfg.group_size)   # (batch,)
             elif cfg.reinforce_baseline == "batch_mean":
-                baseline = returns[:, 0].mean().expand(returns.shape[0])
+                baseline = ddp.all_reduce_mean(returns[:, 0].mean()).expand(returns.shape[0])  # all ranks' answers
             else:
                 baseline = torch.zeros_like(returns[:, 0])
             advantages = (returns - baseline[:, None]) * mask
@@ -201,7 +198,7 @@ class PolicyGradientTrainer(PPOTrainer):
         scores = self.normalise_scores(rollout.scores, rollout.finished)
         advantages, rewards, kl = self.compute_advantages(rollout, scores)
         raw_advantage_mean = masked_mean(advantages, mask).item()
-        rollout_finite = bool(torch.isfinite(advantages).all() and torch.isfinite(rewards).all())
+        rollout_finite = ddp.all_true(bool(torch.isfinite(advantages).all() and torch.isfinite(rewards).all()))
         if cfg.policy_loss == "vanilla" and num_epochs_per_batch > 1 and not self._warned_vanilla_epochs:
             log.warning("policy_loss='vanilla' is on-policy: epochs after the first reuse stale samples "
                         "without correction; use 'importance_sampling' or 'clipped' for several epochs")
@@ -224,7 +221,8 @@ class PolicyGradientTrainer(PPOTrainer):
                     continue
                 for key, v in metrics.items():
                     acc.setdefault(key, []).append(v)
-                if cfg.early_stop_kl is not None and metrics.get("approx_kl", 0.0) > cfg.early_stop_kl:
+                if cfg.early_stop_kl is not None and \
+                        ddp.all_reduce_mean(metrics.get("approx_kl", 0.0)) > cfg.early_stop_kl:
                     stop = True
                     break
             epochs_done += 1
@@ -237,7 +235,7 @@ class PolicyGradientTrainer(PPOTrainer):
         self.consecutive_bad_steps = self.consecutive_bad_steps + 1 if skipped else 0
         kl_per_answer = (kl_penalty(rollout.logprobs, rollout.ref_logprobs, "k1") * mask).sum(1)
         beta_used = self.kl_ctl.value
-        self.kl_ctl.update(kl_per_answer.mean().item(), batch)
+        self.kl_ctl.update(ddp.all_reduce_mean(kl_per_answer.mean().item()), batch * ddp.world_size())
         if self.policy_scheduler is not None:
             self.policy_scheduler.step()
         self._maybe_update_reference()
@@ -315,10 +313,11 @@ class PolicyGradientTrainer(PPOTrainer):
                            kl_violation=float(kl_ref_c.item() > cfg.conservative_kl_threshold))
 
         self.policy_optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
+        if not ddp.all_true(bool(torch.isfinite(loss))):  # every rank skips together
             log.warning("step %d: non-finite policy loss %s; update skipped", self.step + 1, loss.item())
             return None
         loss.backward()
+        ddp.sync_gradients(self.policy)  # mean over ranks (torchrun), before clipping; no-op in one process
         params = [p for p in self.policy.parameters() if p.grad is not None]
         if cfg.max_grad_norm is not None:
             norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
