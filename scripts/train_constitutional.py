@@ -34,7 +34,8 @@ def build_parser(describe_all: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--constitution", help="constitution YAML (default: data/constitution.yaml)")
     parser.add_argument("--output-dir", help="run folder (rerun with the same folder to resume)")
     parser.add_argument("--stages", help="comma-separated subset of: sft,reward,rl,evaluate")
-    parser.add_argument("--rl-algorithm", help="stage-3 algorithm: ppo")
+    parser.add_argument("--rl-algorithm", help="stage-3 algorithm: ppo (default), grpo, rloo, reinforce, or dpo (DPO on stage 2's "
+                             "preference pairs instead of RL against the reward model)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
     parser.add_argument("--dtype", help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--seed", type=int, help="seed for every random choice of the run")

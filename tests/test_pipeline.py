@@ -59,3 +59,19 @@ def test_cli_help_documents_every_option():
     for option in ("--preset", "--model", "--constitution", "--output-dir", "rl.steps", "sft.learning_rate",
                    "reward.trainable_layers", "rl.ppo.kl_penalty"):
         assert option in out
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "dpo"])
+def test_stage3_algorithms_swap_in(smoke_run, tmp_path, algorithm):
+    import shutil
+    out, _ = smoke_run
+    run = tmp_path / algorithm
+    shutil.copytree(out, run)
+    shutil.rmtree(run / "stage3_rl")
+    config = load_pipeline_config("smoke", overrides=[f"output_dir={run}", f"rl.algorithm={algorithm}",
+                                                      "stages=[rl]"])
+    result = Pipeline(config).run()["rl"]
+    assert result["algorithm"] == algorithm and not result.get("skipped")
+    assert (run / "stage3_rl/model/model.safetensors").is_file()
+    if algorithm == "dpo":
+        assert result["num_pairs"] > 0 and "avg_loss" in result["final_stats"]

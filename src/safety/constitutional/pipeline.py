@@ -35,8 +35,11 @@ from .evaluation import compare_reports, evaluate_model
 from .framework import ConstitutionalFramework
 from .generation import GenerationConfig
 from .hh_rlhf import load_pairs
-from .io import atomic_write_json, atomic_write_text, read_jsonl, read_prompts
-from .ppo_trainer import PPOConfig, PPOTrainer
+from .io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl, read_prompts
+from .algorithms import make_rl_trainer
+from .dpo import DPOConfig, DPOTrainer
+from .policy_gradient import GRPOConfig, REINFORCEConfig, RLOOConfig
+from .ppo_trainer import PPOConfig
 from .preferences import PreferenceConfig, generate_preference_pairs, write_pairs
 from .reward_training import RewardTrainer, RewardTrainerConfig, truncate_layers
 from .sft import SFTConfig, SFTTrainer
@@ -45,6 +48,7 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 STAGES = ("sft", "reward", "rl", "evaluate")
+RL_STAGE_ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce", "dpo")
 
 
 @dataclass
@@ -80,7 +84,7 @@ class RewardStageConfig(RewardTrainerConfig):
 class RLStageConfig:
     """Stage 3: which algorithm, how long, and the algorithm's own settings."""
 
-    algorithm: str = "ppo"              # ppo
+    algorithm: str = "ppo"              # ppo | grpo | rloo | reinforce | dpo (DPO on stage 2's pairs instead of RL on the RM)
     steps: int = 20                     # RL steps (one rollout batch + its update epochs each)
     batch_size: int = 8                 # prompts per step
     num_epochs_per_batch: int = 4       # update epochs over each rollout batch
@@ -88,10 +92,14 @@ class RLStageConfig:
     temperature: float = 1.0            # sampling temperature (log-probs use the same)
     checkpoint_freq: int = 5            # steps between checkpoints
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    rloo: RLOOConfig = field(default_factory=RLOOConfig)
+    reinforce: REINFORCEConfig = field(default_factory=REINFORCEConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
     def __post_init__(self):
-        if self.algorithm not in ("ppo",):
-            raise ValueError(f"rl.algorithm must be 'ppo', got {self.algorithm!r}")
+        if self.algorithm not in RL_STAGE_ALGORITHMS:
+            raise ValueError(f"rl.algorithm must be one of {', '.join(RL_STAGE_ALGORITHMS)}, got {self.algorithm!r}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("rl.steps and rl.batch_size must be >= 1")
 
@@ -261,21 +269,39 @@ class Pipeline:
     def run_rl(self) -> dict:
         cfg, out = self.config, self.stage_dir("rl")
         policy, tokenizer = self.model_for("sft" if self.stage_done("sft") else None)
+        if cfg.rl.algorithm == "dpo":
+            return self._run_dpo(policy, tokenizer, out)
         reward_model = RewardModel.from_pretrained(self.stage_dir("reward") / "model", device=self.device,
                                                    dtype=cfg.dtype)
-        value_model = ValueModel.from_causal_lm(policy, device=self.device, dtype=cfg.dtype)
-        trainer = PPOTrainer(policy, value_model, reward_model, tokenizer, self.device, config=cfg.rl.ppo)
+        algo_config = getattr(cfg.rl, cfg.rl.algorithm)
+        value_model = (ValueModel.from_causal_lm(policy, device=self.device, dtype=cfg.dtype)
+                       if cfg.rl.algorithm == "ppo" else None)
+        trainer = make_rl_trainer(cfg.rl.algorithm, policy, tokenizer, reward_model, self.device,
+                                  config=algo_config, value_model=value_model)
         prompts = self.prompts("train_prompts", cfg.data.num_rl_prompts, seed_offset=3)
         result = trainer.train(prompts, num_steps=cfg.rl.steps, batch_size=cfg.rl.batch_size,
                                num_epochs_per_batch=cfg.rl.num_epochs_per_batch, max_length=cfg.rl.max_new_tokens,
                                temperature=cfg.rl.temperature, checkpoint_dir=str(out / "checkpoints"),
                                checkpoint_freq=cfg.rl.checkpoint_freq,
                                resume_from=latest_checkpoint(out / "checkpoints"))
-        from .io import atomic_write_jsonl
         atomic_write_jsonl(out / "metrics.jsonl", result.get("history", []))
         policy.save_pretrained(out / "model")
         tokenizer.save_pretrained(out / "model")
         return {"algorithm": cfg.rl.algorithm, "final_stats": _scalars(result.get("final_stats", {}))}
+
+    def _run_dpo(self, policy, tokenizer, out: Path) -> dict:
+        """DPO directly on stage 2's preference pairs (AI-labelled, plus any human pairs)."""
+        cfg = self.config
+        pairs = load_pairs(self.stage_dir("reward") / "pairs.jsonl")
+        if cfg.data.human_pairs and cfg.data.num_human_pairs > 0:
+            pairs += load_pairs(_resolve(cfg.data.human_pairs), limit=cfg.data.num_human_pairs, split="train")
+        dpo_cfg = dataclasses.replace(cfg.rl.dpo, checkpoint_dir=str(out / "checkpoints"),
+                                      log_file=str(out / "metrics.jsonl"))
+        trainer = DPOTrainer(policy, tokenizer, dpo_cfg, device=self.device)
+        result = trainer.train(pairs, resume_from=latest_checkpoint(out / "checkpoints"))
+        policy.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
+        return {"algorithm": "dpo", "num_pairs": len(pairs), "final_stats": _scalars(result.get("final_stats", {}))}
 
     def run_evaluate(self) -> dict:
         cfg, out = self.config, self.stage_dir("evaluate")

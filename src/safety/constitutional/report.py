@@ -140,6 +140,10 @@ def stage_summary_line(folder: str, data: dict) -> str:
         if h:
             text += f"; accuracy on held-out human hh-rlhf pairs {_fmt(h.get('accuracy', float('nan')))}"
         return text
+    if folder == "stage3_rl" and data.get("algorithm") == "dpo":
+        f = data.get("final_stats", {})
+        return (f"dpo on {data.get('num_pairs', '?')} pairs: loss {_fmt(f.get('avg_loss', float('nan')))}, "
+                f"implicit-reward accuracy {_fmt(f.get('avg_reward_accuracy', float('nan')))}")
     if folder == "stage3_rl":
         f = data.get("final_stats", {})
         return (f"{data.get('algorithm', 'ppo')}: mean score {_fmt(f.get('avg_score', float('nan')))}, "
