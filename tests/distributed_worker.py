@@ -36,7 +36,7 @@ def rm_config(out: Path) -> RewardTrainerConfig:
 
 
 def main(out: Path) -> None:
-    assert ddp.init_distributed(), "expected WORLD_SIZE=2 from torchrun"
+    assert ddp.init_distributed(), "expected WORLD_SIZE=2 from torchrun"  # (the trainers would also join)
     tok = load_tokenizer("default")
     r = ddp.rank()
 

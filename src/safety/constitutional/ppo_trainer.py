@@ -238,6 +238,7 @@ class PPOTrainer:
         if value_model is None:
             value_model = ValueModel.from_causal_lm(policy_model, device=self.device)
         self.value_model = value_model.to(self.device)
+        ddp.init_distributed()  # joins torchrun's process group; a no-op in a plain process
         for model in (self.policy, self.value_model):  # under torchrun: every rank starts from rank 0's
             ddp.broadcast_model(model)
         self.reward_model = reward_model.to(frozen_device)

@@ -298,6 +298,7 @@ class RewardTrainer:
         self.config = config or RewardTrainerConfig()
         self.output_dir = Path(self.config.output_dir)
         self.first_trainable = freeze_bottom(reward_model, self.config.trainable_layers)
+        ddp.init_distributed()  # joins torchrun's process group; a no-op in a plain process
         ddp.broadcast_model(reward_model)  # under torchrun every rank starts from rank 0's weights
         self.use_cache = self.config.trainable_layers is not None and self.config.cache_frozen_features
         self.bad_steps = 0

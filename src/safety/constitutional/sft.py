@@ -227,6 +227,7 @@ class SFTTrainer:
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; use src.models.loading.prepare_tokenizer")
         self.device = next(model.parameters()).device
+        ddp.init_distributed()  # joins torchrun's process group; a no-op in a plain process
         ddp.broadcast_model(model)  # under torchrun every rank starts from rank 0's weights
 
     # -- losses ------------------------------------------------------------------------------------
