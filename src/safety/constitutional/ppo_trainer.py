@@ -41,7 +41,7 @@ from .io import append_jsonl
 from .logprobs import selective_log_softmax, sequence_logprobs
 from .rl_primitives import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, RunningMeanStd,
                             clipped_value_loss, compute_gae, conservative_kl_penalty, explained_variance,
-                            kl_penalty, masked_mean, masked_whiten, ppo_policy_loss)
+                            kl_penalty, masked_mean, masked_whiten, ppo_policy_loss, update_reference)
 
 log = logging.getLogger(__name__)
 
@@ -598,13 +598,7 @@ class PPOTrainer:
         cfg = self.config
         if cfg.ref_update == "none" or self.step % cfg.ref_update_every:
             return
-        with torch.no_grad():
-            for ref_p, p in zip(self.ref_model.parameters(), self.policy.parameters()):
-                src = p.detach().to(ref_p.device)
-                if cfg.ref_update == "copy":
-                    ref_p.copy_(src)
-                else:
-                    ref_p.mul_(cfg.ref_ema_alpha).add_(src, alpha=1 - cfg.ref_ema_alpha)
+        update_reference(self.ref_model, self.policy, cfg.ref_update, cfg.ref_ema_alpha)
 
     # -- the loop ----------------------------------------------------------------------------
     def train(self, prompts: Sequence, num_steps: int = 100, batch_size: int = 4, num_epochs_per_batch: int = 4,
