@@ -10,9 +10,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+from src.models import build_tiny_llama, configure_threads, load_causal_lm, load_tokenizer  # noqa: E402
 
-from src.models import build_tiny_llama, load_causal_lm, load_tokenizer  # noqa: E402
+configure_threads()  # CAI_NUM_THREADS=1 is much faster when other processes share the cores
 
 
 @pytest.fixture(scope="session")

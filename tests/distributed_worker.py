@@ -4,7 +4,7 @@ Rank r builds its models with seed r, so the ranks only agree if the trainers br
 weights at the start; it then trains a reward model (2 steps) and PPO (2 steps) and writes its
 flattened weights to <out>/rank<r>.pt for the test to compare.
 """
-import os
+
 import sys
 from pathlib import Path
 

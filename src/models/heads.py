@@ -31,7 +31,16 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(attention_mask.bool(), positions, -1).max(dim=-1).values.clamp(min=0)
 
 
-def _score_head(model: nn.Module) -> nn.Module:
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The transformer trunk (no LM or score head) of an HF model or a ScalarHeadModel."""
+    inner = getattr(model, "model", model) if isinstance(model, ScalarHeadModel) else model
+    prefix = getattr(inner, "base_model_prefix", None)
+    return getattr(inner, prefix) if prefix and hasattr(inner, prefix) else inner
+
+
+def score_head(model: nn.Module) -> nn.Module:
+    """The linear scalar head of an HF sequence-classification model or a ScalarHeadModel."""
+    model = getattr(model, "model", model) if isinstance(model, ScalarHeadModel) else model
     for name in ("score", "classifier", "v_head"):
         head = getattr(model, name, None)
         if isinstance(head, nn.Module):
@@ -60,14 +69,13 @@ class ScalarHeadModel(nn.Module):
 
     def token_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Scalar at every position. (batch, seq)"""
-        backbone = getattr(self.model, self.model.base_model_prefix)
-        hidden = backbone(
+        hidden = backbone_of(self.model)(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids_from_mask(attention_mask),
             use_cache=False,
         ).last_hidden_state
-        return _score_head(self.model)(hidden).squeeze(-1).float()
+        return score_head(self.model)(hidden).squeeze(-1).float()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if attention_mask is None:
@@ -117,7 +125,7 @@ class ScalarHeadModel(nn.Module):
         prefix = model.base_model_prefix
         backbone_state = getattr(lm, prefix).state_dict()
         getattr(model, prefix).load_state_dict(backbone_state)
-        head = _score_head(model)
+        head = score_head(model)
         std = head_init_std if head_init_std is not None else 1.0 / (config.hidden_size + 1) ** 0.5
         with torch.no_grad():
             nn.init.normal_(head.weight, std=std)

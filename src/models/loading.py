@@ -9,13 +9,13 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
 import torch
 from filelock import FileLock
+
+from src.safety.constitutional.io import atomic_dir
 
 from .device import resolve_device, resolve_dtype
 
@@ -100,16 +100,9 @@ def provision_default_model(force: bool = False) -> Path:
             raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
         model.tie_weights()
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-        try:
+        with atomic_dir(target) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -123,14 +116,8 @@ def provision_tiny_model() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock", timeout=600):
         if not _is_complete_model_dir(target):
-            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-            try:
+            with atomic_dir(target) as tmp:
                 save_tiny_llama(tmp)
-                if target.exists():
-                    shutil.rmtree(target)
-                os.replace(tmp, target)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

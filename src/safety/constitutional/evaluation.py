@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import pandas as pd
 import torch
 
-from .generation import GenerationConfig, generate, render_prompt
+from .generation import GenerationConfig, generate, left_pad, render_prompt
 from .io import atomic_path, atomic_write_json, atomic_write_text
 
 KINDS = ("harmful", "benign")
@@ -154,13 +154,7 @@ def reward_scores(reward_model, tokenizer, prompts: Sequence, responses: Sequenc
     reward_model.eval()
     out = []
     for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start:start + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, seq in enumerate(chunk):
-            ids[i, width - len(seq):] = torch.tensor(seq)
-            mask[i, width - len(seq):] = 1
+        ids, mask = left_pad(encoded[start:start + batch_size], tokenizer.pad_token_id)
         out += reward_model(ids.to(device), mask.to(device)).float().cpu().tolist()
     reward_model.train(was_training)
     return out

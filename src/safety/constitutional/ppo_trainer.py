@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from src.models.heads import (ScalarHeadModel, ValueModel, _score_head, last_token_index,
+from src.models.heads import (ScalarHeadModel, ValueModel, backbone_of, last_token_index, score_head,
                              position_ids_from_mask)
 
 from . import checkpoint as ckpt
@@ -173,12 +173,6 @@ def disable_dropout(model: nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
-def _backbone(model: nn.Module) -> nn.Module:
-    inner = getattr(model, "model", model)  # ScalarHeadModel -> HF model
-    prefix = getattr(inner, "base_model_prefix", None)
-    return getattr(inner, prefix) if prefix and hasattr(inner, prefix) else inner
-
-
 def _vocab_size(model) -> Optional[int]:
     config = getattr(model, "config", None)
     return getattr(config, "vocab_size", None)
@@ -310,7 +304,7 @@ class PPOTrainer:
         """
         if self.reward_tokenizer is not None or not isinstance(self.reward_model, ScalarHeadModel):
             raise ValueError("share_reward_and_reference needs a RewardModel on the policy's own tokenizer")
-        reward_backbone, policy_backbone = _backbone(self.reward_model), _backbone(self.policy)
+        reward_backbone, policy_backbone = backbone_of(self.reward_model), backbone_of(self.policy)
         policy_state = policy_backbone.state_dict()
         for name, tensor in reward_backbone.state_dict().items():
             other = policy_state.get(name)
@@ -337,13 +331,13 @@ class PPOTrainer:
         frozen_device = _device_of(self.reward_model)
         ids, mask = input_ids.to(frozen_device), attention_mask.to(frozen_device)
         if self._shared_frozen:
-            hidden = _backbone(self.reward_model)(input_ids=ids, attention_mask=mask,
+            hidden = backbone_of(self.reward_model)(input_ids=ids, attention_mask=mask,
                                                   position_ids=position_ids_from_mask(mask),
                                                   use_cache=False).last_hidden_state
             logits = nn.functional.linear(hidden[:, -response_len - 1:-1], self._ref_lm_head.weight,
                                           getattr(self._ref_lm_head, "bias", None)).float()
             ref_logprobs = selective_log_softmax(logits / temperature, ids[:, -response_len:])
-            head = _score_head(self.reward_model.model)
+            head = score_head(self.reward_model)
             token_scores = head(hidden).squeeze(-1).float()
             scores = token_scores.gather(1, last_token_index(mask)[:, None]).squeeze(1)
         else:

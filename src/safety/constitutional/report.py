@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 from .evaluation import _md, compare_reports
 from .io import atomic_path, atomic_write_text, read_jsonl

@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -36,14 +33,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from src.models.heads import RewardModel, last_token_index, position_ids_from_mask
+from src.models.heads import RewardModel, backbone_of, last_token_index, position_ids_from_mask, score_head
 
 from . import distributed as ddp
 from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
-from .generation import render_prompt
+from .generation import left_pad, render_prompt
 from .hh_rlhf import PreferencePair
 from .interrupts import GracefulInterrupt, interrupted
-from .io import append_jsonl, atomic_write_json
+from .io import append_jsonl, atomic_dir, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -120,17 +117,6 @@ def encode_pair(tokenizer, pair: PreferencePair, max_length: int) -> Tuple[List[
     return prompt + answers[0], prompt + answers[1]
 
 
-def left_pad(sequences: Sequence[List[int]], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        if seq:
-            ids[i, width - len(seq):] = torch.tensor(seq)
-            mask[i, width - len(seq):] = 1
-    return ids, mask
-
-
 def left_pad_states(states: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """[(len_i, hidden)] -> (batch, width, hidden) zero-padded on the left, and its mask."""
     width = max(s.shape[0] for s in states)
@@ -159,15 +145,6 @@ def length_bucketed_batches(lengths: Sequence[int], batch_size: int, generator: 
 
 # -- splitting the backbone ---------------------------------------------------------------------
 
-def _backbone(reward_model: RewardModel) -> nn.Module:
-    return getattr(reward_model.model, reward_model.model.base_model_prefix)
-
-
-def _score_head(reward_model: RewardModel) -> nn.Module:
-    from src.models.heads import _score_head as head
-    return head(reward_model.model)
-
-
 @contextmanager
 def _layer_range(backbone: nn.Module, start: int, stop: int, final_norm: bool = True):
     """Run the backbone's own forward over layers[start:stop] only (optionally without its final
@@ -189,7 +166,7 @@ def truncate_layers(reward_model: RewardModel, num_layers: Optional[int]) -> Rew
     half as deep costs half as much to train, cache and run during PPO. The result is still a plain
     HF model (config.num_hidden_layers is updated), so it saves and loads like any other.
     """
-    backbone = _backbone(reward_model)
+    backbone = backbone_of(reward_model)
     if num_layers is None or num_layers >= len(backbone.layers):
         return reward_model
     if num_layers < 1:
@@ -206,7 +183,7 @@ def truncate_layers(reward_model: RewardModel, num_layers: Optional[int]) -> Rew
 def freeze_bottom(reward_model: RewardModel, trainable_layers: Optional[int]) -> int:
     """requires_grad only on the top `trainable_layers` layers, the final norm and the head.
     Returns the index of the first trainable layer (0 when everything trains)."""
-    backbone = _backbone(reward_model)
+    backbone = backbone_of(reward_model)
     num_layers = len(backbone.layers)
     if trainable_layers is None:
         for p in reward_model.parameters():
@@ -217,7 +194,7 @@ def freeze_bottom(reward_model: RewardModel, trainable_layers: Optional[int]) ->
     first = num_layers - trainable_layers
     for p in reward_model.parameters():
         p.requires_grad_(False)
-    for module in [*list(backbone.layers)[first:], backbone.norm, _score_head(reward_model)]:
+    for module in [*list(backbone.layers)[first:], backbone.norm, score_head(reward_model)]:
         for p in module.parameters():
             p.requires_grad_(True)
     return first
@@ -230,7 +207,7 @@ def rewards_from_ids(reward_model: RewardModel, input_ids: torch.Tensor, attenti
 def bottom_features(reward_model: RewardModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     first_trainable: int) -> torch.Tensor:
     """Hidden states entering layer `first_trainable` (before any final norm). (batch, seq, hidden)"""
-    backbone = _backbone(reward_model)
+    backbone = backbone_of(reward_model)
     with _layer_range(backbone, 0, first_trainable, final_norm=False):
         return backbone(input_ids=input_ids, attention_mask=attention_mask,
                         position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
@@ -239,11 +216,11 @@ def bottom_features(reward_model: RewardModel, input_ids: torch.Tensor, attentio
 def rewards_from_features(reward_model: RewardModel, hidden: torch.Tensor, attention_mask: torch.Tensor,
                           first_trainable: int) -> torch.Tensor:
     """Top layers + final norm + head on cached bottom features; reward at the last real token. (batch,)"""
-    backbone = _backbone(reward_model)
+    backbone = backbone_of(reward_model)
     with _layer_range(backbone, first_trainable, len(backbone.layers), final_norm=True):
         top = backbone(inputs_embeds=hidden, attention_mask=attention_mask,
                        position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
-    scores = _score_head(reward_model)(top).squeeze(-1).float()
+    scores = score_head(reward_model)(top).squeeze(-1).float()
     return scores.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
 
 
@@ -354,7 +331,7 @@ class RewardTrainer:
 
     # .. optimisation ..............................................................................
     def _optimizer(self, total_steps: int):
-        head_params = {id(p) for m in (_score_head(self.model), _backbone(self.model).norm) for p in m.parameters()}
+        head_params = {id(p) for m in (score_head(self.model), backbone_of(self.model).norm) for p in m.parameters()}
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         body = [p for p in trainable if id(p) not in head_params]
         head = [p for p in trainable if id(p) in head_params]
@@ -536,13 +513,6 @@ class RewardTrainer:
     def save_final(self) -> Path:
         """The trained model as a plain HF directory (with tokenizer and reward stats), written atomically."""
         target = self.output_dir / MODEL_NAME
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{MODEL_NAME}-", dir=self.output_dir))
-        try:
+        with atomic_dir(target) as tmp:
             self.model.save_pretrained(tmp, tokenizer=self.tokenizer)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return target
