@@ -1,10 +1,8 @@
 """Shared fixtures: the real tokenizer, a tiny random Llama built on it, and the real default model."""
-import os
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
