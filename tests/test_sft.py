@@ -175,3 +175,17 @@ def test_bad_inputs_give_clear_errors(tiny_model, tokenizer, tmp_path):
         trainer.train([])
     with pytest.raises(ValueError, match="'prompt' and 'response'"):
         trainer.train([{"prompt": "hi"}])
+
+
+def test_answer_only_lm_head_gives_the_full_logits_loss(tiny_model, tokenizer, tmp_path):
+    from src.safety.constitutional.sft import tokenize_records
+    records = [{"prompt": "Name a colour.", "response": "Blue."},
+               {"prompt": "What is two plus two? Explain.", "response": "Four, because 2 + 2 = 4."}]
+    trainer = SFTTrainer(tiny_model, tokenizer, SFTConfig(output_dir=str(tmp_path), show_progress=False))
+    batch = collate(tokenize_records(tokenizer, records, 128, None), tokenizer.pad_token_id)
+    loss, n = trainer._token_losses(batch)
+    logits = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    full = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+    assert n == int((batch["labels"] != IGNORE_INDEX).sum())
+    torch.testing.assert_close(loss, full, rtol=1e-5, atol=1e-4)

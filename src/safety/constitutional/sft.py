@@ -29,6 +29,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from src.models.heads import backbone_of
+
 from . import distributed as ddp
 from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
 from .generation import render_prompt
@@ -187,6 +189,11 @@ def split_eval(records: Sequence[dict], fraction: float, seed: int):
     return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
 
 
+def _rescales_logits(config) -> bool:
+    """Models whose causal-LM forward changes the head's output (soft-capping, scaling)."""
+    return bool(getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None))
+
+
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float) -> float:
     """Linear warm-up from lr/warmup to lr, then cosine/linear decay to min_ratio * lr."""
     if warmup_steps > 0 and step < warmup_steps:
@@ -234,12 +241,20 @@ class SFTTrainer:
     def _token_losses(self, batch: Dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """(sum of answer-token losses, number of answer tokens) for one padded batch."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            use_cache=False).logits            # (batch, seq, vocab)
         targets = batch["labels"][:, 1:]                     # token t is predicted at position t-1
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-        return loss, int((targets != IGNORE_INDEX).sum())
+        keep = targets != IGNORE_INDEX                       # (batch, seq-1) answer positions
+        head = self.model.get_output_embeddings()
+        if head is None or _rescales_logits(self.model.config):
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                use_cache=False).logits[:, :-1][keep]
+        else:
+            # The 49k-vocabulary LM head costs as much as the backbone here: run it on answer
+            # positions only (prompt positions are masked out of the loss anyway).
+            hidden = backbone_of(self.model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                             use_cache=False).last_hidden_state   # (batch, seq, hidden)
+            logits = head(hidden[:, :-1][keep])               # (answer_tokens, vocab)
+        loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        return loss, int(keep.sum())
 
     @torch.no_grad()
     def evaluate(self, examples: Sequence[SFTExample]) -> Optional[float]:
