@@ -29,12 +29,15 @@ def sequence_logprobs(
     response_len: int,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    entropy_grad: bool = True,
 ) -> torch.Tensor | Tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of the last `response_len` tokens of each row. (batch, response_len)
 
     `input_ids` is prompt (left-padded) + answer (right-padded), so every answer starts at the same
     column. Logits are divided by `temperature` so the numbers match the distribution sampled from.
-    With `return_entropy`, also the entropy of that distribution at each answer position.
+    With `return_entropy`, also the entropy of that distribution at each answer position;
+    `entropy_grad=False` computes it outside autograd (for logging only: a full-vocabulary
+    log-softmax kept in the graph costs memory and backward time for nothing).
     """
     logits = _forward_logits(model, input_ids, attention_mask, response_len + 1)[:, :-1].float()
     if temperature != 1.0:
@@ -43,7 +46,9 @@ def sequence_logprobs(
     logprobs = selective_log_softmax(logits, targets)
     if not return_entropy:
         return logprobs
-    return logprobs, entropy_from_logits(logits)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = entropy_from_logits(logits)
+    return logprobs, entropy
 
 
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -551,7 +551,8 @@ class PPOTrainer:
         ids, attn, mask = rollout.input_ids[idx], rollout.attention_mask[idx], rollout.mask[idx]
         old_logprobs, ref_logprobs, old_values = rollout.logprobs[idx], rollout.ref_logprobs[idx], rollout.values[idx]
 
-        new_logprobs, entropy = sequence_logprobs(self.policy, ids, attn, R, temperature, return_entropy=True)
+        new_logprobs, entropy = sequence_logprobs(self.policy, ids, attn, R, temperature, return_entropy=True,
+                                                  entropy_grad=bool(cfg.entropy_coef))
         pg_loss, metrics = ppo_policy_loss(new_logprobs, old_logprobs, advantages, mask, cfg.clip_epsilon)
         entropy_mean = masked_mean(entropy if cfg.entropy_coef else entropy.detach(), mask)
         policy_loss = pg_loss - cfg.entropy_coef * entropy_mean
