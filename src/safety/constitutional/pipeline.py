@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[3]
 STAGES = ("sft", "reward", "rl", "evaluate")
 RL_STAGE_ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce", "dpo")
+EVALUATORS = ("rules", "classifier", "judge")
 
 
 @dataclass
@@ -122,6 +123,7 @@ class PipelineConfig:
     dtype: Optional[str] = None         # None: bf16 on CUDA, fp32 on CPU
     seed: int = 0                       # every random choice of the run derives from it
     stages: List[str] = field(default_factory=lambda: list(STAGES))  # subset of sft, reward, rl, evaluate
+    evaluators: List[str] = field(default_factory=lambda: ["rules", "classifier"])  # rules, classifier, judge (the base model asked yes/no): who scores and labels answers
     data: DataConfig = field(default_factory=DataConfig)
     critique: CritiqueRevisionConfig = field(default_factory=CritiqueRevisionConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -134,6 +136,9 @@ class PipelineConfig:
         bad = [s for s in self.stages if s not in STAGES]
         if bad:
             raise ValueError(f"stages: unknown stage {bad[0]!r} (choose from {', '.join(STAGES)})")
+        bad = [e for e in self.evaluators if e not in EVALUATORS]
+        if bad or not self.evaluators:
+            raise ValueError(f"evaluators: choose from {', '.join(EVALUATORS)}, got {self.evaluators!r}")
 
 
 def _resolve(path: Optional[str]) -> Optional[Path]:
@@ -174,8 +179,14 @@ class Pipeline:
 
     @property
     def framework(self) -> ConstitutionalFramework:
+        # One framework scores revisions (stage 1), labels preference pairs (stage 2) and judges
+        # the evaluation, so every stage is guided by the same reading of the constitution.
         if self._framework is None:
-            self._framework = ConstitutionalFramework(self.constitution)
+            names = self.config.evaluators
+            judge, judge_tok = self.model_for(None) if "judge" in names else (None, None)
+            self._framework = ConstitutionalFramework(
+                self.constitution, classifier="default" if "classifier" in names else None,
+                judge_model=judge, judge_tokenizer=judge_tok)
         return self._framework
 
     def prompts(self, which: str, n: int, seed_offset: int = 0) -> List[str]:

@@ -132,7 +132,7 @@ def stage_summary_line(folder: str, data: dict) -> str:
         c, t = data.get("critique", {}), data.get("train", {})
         return (f"{c.get('n_prompts', '?')} prompts, {c.get('n_revised_kept', '?')} revisions kept, "
                 f"{c.get('n_rejected_worse', '?')} rejected as worse; eval loss "
-                f"{_fmt(t.get('eval_loss_before', float('nan')))} -> {_fmt(t.get('eval_loss', float('nan')))}")
+                f"{_fmt(t.get('eval_loss_before', float('nan')))} -> {_fmt(t.get('eval_loss_after', float('nan')))}")
     if folder == "stage2_reward":
         t, h = data.get("train", {}), data.get("human_heldout", {})
         text = (f"{data.get('num_train_pairs', '?')} training pairs; held-out accuracy "
