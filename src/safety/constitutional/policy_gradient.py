@@ -36,7 +36,7 @@ from torch import nn
 
 from . import distributed as ddp
 from .logprobs import sequence_logprobs
-from .ppo_trainer import PPOConfig, PPOTrainer, PPOTrainingError, Rollout
+from .ppo_trainer import PPOConfig, PPOTrainer, Rollout
 from .rl_primitives import (conservative_kl_penalty, discounted_returns, group_advantages,
                             importance_sampling_loss, kl_penalty, masked_mean, masked_whiten,
                             policy_gradient_loss, ppo_policy_loss, rloo_baseline)
@@ -273,14 +273,7 @@ class PolicyGradientTrainer(PPOTrainer):
             "time_rollout_s": t_rollout,
             "time_step_s": time.perf_counter() - t0,
         }
-        self.history.append(stats)
-        self.last_rollout = rollout
-        if self.consecutive_bad_steps >= cfg.max_bad_steps:
-            where = f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
-            raise PPOTrainingError(
-                f"{self.consecutive_bad_steps} consecutive {cfg.algorithm} steps had non-finite losses or "
-                f"gradients (max_bad_steps={cfg.max_bad_steps}); stopping. Lower the learning rate or check "
-                f"the reward model's outputs{where}.")
+        self._record_step(stats, rollout, cfg.algorithm)
         return stats
 
     def _update_policy_minibatch(self, rollout: Rollout, idx, advantages, temperature) -> Optional[Dict[str, float]]:

@@ -534,15 +534,19 @@ class PPOTrainer:
             "time_rollout_s": t_rollout,
             "time_step_s": time.perf_counter() - t0,
         }
+        self._record_step(stats, rollout, "PPO")
+        return stats
+
+    def _record_step(self, stats: Dict[str, Any], rollout: Rollout, algorithm: str) -> None:
+        """Keep the step's metrics; stop with a clear message after too many non-finite steps."""
         self.history.append(stats)
         self.last_rollout = rollout
-        if self.consecutive_bad_steps >= cfg.max_bad_steps:
+        if self.consecutive_bad_steps >= self.config.max_bad_steps:
             where = f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
             raise PPOTrainingError(
-                f"{self.consecutive_bad_steps} consecutive PPO steps had non-finite losses or gradients "
-                f"(max_bad_steps={cfg.max_bad_steps}); stopping. Lower the learning rate or check the reward "
-                f"model's outputs{where}.")
-        return stats
+                f"{self.consecutive_bad_steps} consecutive {algorithm} steps had non-finite losses or gradients "
+                f"(max_bad_steps={self.config.max_bad_steps}); stopping. Lower the learning rate or check the "
+                f"reward model's outputs{where}.")
 
     def _update_minibatch(self, rollout: Rollout, idx, advantages, returns, temperature) -> Optional[Dict[str, float]]:
         """One gradient step on policy and value. Returns None (and changes nothing) if not finite."""
