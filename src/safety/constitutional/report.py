@@ -31,6 +31,29 @@ def _series(path: Path, key: str):
     return xs, ys
 
 
+def write_tensorboard(run_dir: Path) -> Optional[Path]:
+    """Every numeric metric of every stage's metrics.jsonl as TensorBoard scalars, if tensorboard is
+    installed (optional: `pip install tensorboard`); returns the log folder or None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    out = Path(run_dir) / "tensorboard"
+    writer = SummaryWriter(str(out))
+    for stage in ("stage1_sft", "stage2_reward", "stage3_rl"):
+        path = Path(run_dir) / stage / "metrics.jsonl"
+        if not path.is_file():
+            continue
+        for i, row in enumerate(read_jsonl(path)):
+            step = row.get("step", i + 1)
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                        and math.isfinite(value):
+                    writer.add_scalar(f"{stage}/{key}", value, step)
+    writer.close()
+    return out
+
+
 def plot_training_curves(run_dir: Path, out: Path) -> Optional[Path]:
     import matplotlib
     matplotlib.use("Agg")
@@ -155,6 +178,7 @@ def write_run_report(run_dir: Path, reports: Dict[str, object], config=None, num
     run_dir = Path(run_dir)
     plots = run_dir / "plots"
     curves = plot_training_curves(run_dir, plots / "training_curves.png")
+    write_tensorboard(run_dir)
     bars = plot_principles(reports, plots / "principles.png")
     names = list(reports)
     per_principle = {n: principle_means(r) for n, r in reports.items()}
