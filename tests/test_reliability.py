@@ -236,7 +236,8 @@ def _assert_checkpoint_holds(root, step, model, name):
 
 
 def test_sft_nan_stop_leaves_the_last_good_checkpoint(tiny_model, tokenizer, tmp_path):
-    _poison_after(tiny_model, 2)  # steps 1-2 fine, every later forward is NaN
+    # SFT runs the LM head itself (answer positions only), so poison the head's output
+    _poison_after(tiny_model.get_output_embeddings(), 2)  # steps 1-2 fine, every later forward is NaN
     cfg = SFTConfig(output_dir=str(tmp_path), num_epochs=2, batch_size=2, learning_rate=1e-3, checkpoint_every=1,
                     eval_fraction=0.0, max_bad_steps=0, show_progress=False)
     with pytest.raises(RuntimeError, match="last good checkpoint is in"):
