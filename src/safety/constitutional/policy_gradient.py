@@ -230,12 +230,7 @@ class PolicyGradientTrainer(PPOTrainer):
                 break
         self.policy.eval()
 
-        self.step += 1
-        self.total_skipped_updates += skipped
-        self.consecutive_bad_steps = self.consecutive_bad_steps + 1 if skipped else 0
-        kl_per_answer = (kl_penalty(rollout.logprobs, rollout.ref_logprobs, "k1") * mask).sum(1)
-        beta_used = self.kl_ctl.value
-        self.kl_ctl.update(ddp.all_reduce_mean(kl_per_answer.mean().item()), batch * ddp.world_size())
+        beta_used, kl_per_answer = self._close_update(rollout, mask, batch, skipped)
         if self.policy_scheduler is not None:
             self.policy_scheduler.step()
         self._maybe_update_reference()

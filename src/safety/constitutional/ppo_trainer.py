@@ -493,12 +493,7 @@ class PPOTrainer:
         self.policy.eval()
         self.value_model.eval()
 
-        self.step += 1
-        self.total_skipped_updates += skipped
-        self.consecutive_bad_steps = self.consecutive_bad_steps + 1 if skipped else 0
-        kl_per_answer = (kl_penalty(rollout.logprobs, rollout.ref_logprobs, "k1") * mask).sum(1)
-        beta_used = self.kl_ctl.value
-        self.kl_ctl.update(ddp.all_reduce_mean(kl_per_answer.mean().item()), batch * ddp.world_size())
+        beta_used, kl_per_answer = self._close_update(rollout, mask, batch, skipped)
         for scheduler in (self.policy_scheduler, self.value_scheduler):
             if scheduler is not None:
                 scheduler.step()
@@ -536,6 +531,17 @@ class PPOTrainer:
         }
         self._record_step(stats, rollout, "PPO")
         return stats
+
+    def _close_update(self, rollout: Rollout, mask: torch.Tensor, batch: int, skipped: int):
+        """Count the step and its skipped updates, feed the KL controller.
+        Returns (the beta used this step, KL to the reference per answer (batch,))."""
+        self.step += 1
+        self.total_skipped_updates += skipped
+        self.consecutive_bad_steps = self.consecutive_bad_steps + 1 if skipped else 0
+        kl_per_answer = (kl_penalty(rollout.logprobs, rollout.ref_logprobs, "k1") * mask).sum(1)
+        beta_used = self.kl_ctl.value
+        self.kl_ctl.update(ddp.all_reduce_mean(kl_per_answer.mean().item()), batch * ddp.world_size())
+        return beta_used, kl_per_answer
 
     def _record_step(self, stats: Dict[str, Any], rollout: Rollout, algorithm: str) -> None:
         """Keep the step's metrics; stop with a clear message after too many non-finite steps."""
