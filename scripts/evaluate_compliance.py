@@ -31,7 +31,7 @@ from src.safety.constitutional.constitution import load_constitution  # noqa: E4
 from src.safety.constitutional.framework import ConstitutionalFramework  # noqa: E402
 from src.safety.constitutional.io import atomic_write_json, read_jsonl, read_prompts  # noqa: E402
 
-EVALUATOR_CHOICES = ("rules", "classifier", "judge")
+EVALUATOR_CHOICES = ("rules", "classifier", "judge", "reward_model")
 
 
 def parse_args(argv=None):
@@ -51,10 +51,11 @@ def parse_args(argv=None):
                         "or detect it per prompt with the rules")
     p.add_argument("--constitution", type=Path, default=None, help="constitution YAML (default data/constitution.yaml)")
     p.add_argument("--evaluators", default="rules,classifier",
-                   help="comma-separated evaluators to use: rules, classifier, judge")
+                   help="comma-separated evaluators to use: rules, classifier, judge, reward_model "
+                        "(reward_model needs --reward-model)")
     p.add_argument("--judge-model", default=None,
                    help="chat model for the judge evaluator ('default', or a directory); implies 'judge'")
-    p.add_argument("--reward-model", default=None, help="a reward-model directory: also report its mean score")
+    p.add_argument("--reward-model", default=None, help="a reward-model directory: report its mean score; with the reward_model evaluator it also judges")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default=None, help="cpu, cuda or auto (default)")
@@ -70,6 +71,8 @@ def parse_args(argv=None):
         args.evaluators.append("judge")
     if "judge" in args.evaluators and not args.judge_model:
         args.judge_model = args.model if args.pairs is None else "default"
+    if "reward_model" in args.evaluators and not args.reward_model:
+        p.error("--evaluators reward_model needs --reward-model DIR (a trained reward model)")
     return args
 
 
@@ -94,8 +97,9 @@ def build_framework(args, judge=None):
     judge_model, judge_tokenizer = judge if judge is not None else (None, None)
     if "judge" in args.evaluators and judge_model is None:
         judge_model, judge_tokenizer = load_policy(args.judge_model, args.device)
+    reward_model = args.reward_model if "reward_model" in args.evaluators else None
     framework = ConstitutionalFramework(constitution, judge_model=judge_model, judge_tokenizer=judge_tokenizer,
-                                        classifier=classifier)
+                                        classifier=classifier, reward_model=reward_model)
     if "rules" not in args.evaluators:  # rules are the fallback for principles with nothing else
         framework.evaluators["rules"].weight = 1e-6
     return framework

@@ -2,11 +2,13 @@
 """Pairwise accuracy of each evaluator and of their combinations against human hh-rlhf labels.
 
     python scripts/measure_evaluators.py [--split heldout] [--judge-model default] [--limit N]
+                                         [--reward-model DIR]
 
 Every evaluator compares each (chosen, rejected) pair once; the combinations are then formed by
 the framework's own weighting (ConstitutionalFramework.compare_batch) from those stored results,
 so the figures are exactly what the framework would give. The judge is asked about the general
-`harmless` principle only (a 135M model on CPU is too slow for ten questions per pair).
+`harmless` principle only (a 135M model on CPU is too slow for ten questions per pair); so is a
+reward model given with --reward-model (the constitution lists it for `harmless` only).
 Prints a Markdown table (paste it into docs/evaluators.md) and writes JSON with --output.
 """
 import argparse
@@ -44,6 +46,7 @@ def main(argv=None):
     parser.add_argument("--split", default="heldout", choices=["train", "heldout"])
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--judge-model", default="default", help="'' to skip the judge")
+    parser.add_argument("--reward-model", default=None, help="a trained reward-model directory to measure too")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -52,7 +55,8 @@ def main(argv=None):
     if args.judge_model:
         from src.models import load_causal_lm
         judge_model, judge_tok = load_causal_lm(args.judge_model, device="cpu")
-    full = ConstitutionalFramework(judge_model=judge_model, judge_tokenizer=judge_tok, classifier="default")
+    full = ConstitutionalFramework(judge_model=judge_model, judge_tokenizer=judge_tok, classifier="default",
+                                   reward_model=args.reward_model)
     principles = full.principles
     prompts = [p.prompt for p in pairs]
     chosen, rejected = [p.chosen for p in pairs], [p.rejected for p in pairs]
@@ -60,7 +64,9 @@ def main(argv=None):
 
     tables, timings = {}, {}
     for name, evaluator in full.evaluators.items():
-        covered = [full.constitution.get("harmless")] if name == "judge" else principles
+        covered = [p for p in principles if name in full._evaluators_for(p)]
+        if name == "judge":
+            covered = [full.constitution.get("harmless")]
         start = time.time()
         rows = []
         for s in range(0, len(pairs), 32):
@@ -83,8 +89,12 @@ def main(argv=None):
     combos = [["rules"], ["classifier"], ["rules", "classifier"]]
     for combo in combos:
         rows.append(("all principles", " + ".join(combo), measure(combo)))
-    harmless_combos = combos + ([["judge"], ["rules", "judge"], ["classifier", "judge"],
-                                 ["rules", "classifier", "judge"]] if "judge" in tables else [])
+    harmless_combos = list(combos)
+    for extra in ("judge", "reward_model"):
+        if extra in tables:
+            harmless_combos += [[extra], ["rules", extra], ["classifier", extra], ["rules", "classifier", extra]]
+    if "judge" in tables and "reward_model" in tables:
+        harmless_combos.append(["rules", "classifier", "judge", "reward_model"])
     for combo in harmless_combos:
         rows.append(("`harmless` only", " + ".join(combo), measure(combo, "harmless")))
     weights = ", ".join(f"{n} {e.weight:g}" for n, e in full.evaluators.items())

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 
 from src.safety.constitutional.evaluators.rules import RuleEvaluator, is_harmful_request, is_refusal
@@ -193,3 +195,44 @@ def test_framework_with_judge_is_symmetric(tiny_model, tokenizer, framework):
     ba = with_judge.compare(BOMB, HOWTO, REFUSAL, principle="harm_weapons")
     assert ab.prob_a_better + ba.prob_a_better == pytest.approx(1.0, abs=1e-5)
     assert "(judge 0." in with_judge.evaluate(BOMB, REFUSAL).scores["harm_weapons"].reason
+
+
+# -- a trained reward model as an evaluator -----------------------------------------------------
+
+@pytest.fixture()
+def reward_evaluator(tiny_model, tokenizer, tmp_path):
+    from src.models.heads import RewardModel
+    from src.safety.constitutional.evaluators.reward_model import RewardModelEvaluator
+    rm = RewardModel.from_causal_lm(tiny_model, device="cpu", head_init_std=0.5)
+    rm.set_reward_stats(0.25, 2.0)
+    rm.save_pretrained(tmp_path / "rm", tokenizer=tokenizer)
+    return RewardModelEvaluator.load(tmp_path / "rm", batch_size=3)
+
+
+def test_reward_model_evaluator_is_bradley_terry_of_its_rewards(reward_evaluator, framework):
+    from src.safety.constitutional.evaluation import reward_scores
+    principles = [framework.constitution.get("harmless")]
+    prompts, a, b = [BOMB, KILL_PROC], [REFUSAL, HELPFUL], [HOWTO, REFUSAL]
+    r_a = reward_scores(reward_evaluator.reward_model, reward_evaluator.tokenizer, prompts, a)
+    r_b = reward_scores(reward_evaluator.reward_model, reward_evaluator.tokenizer, prompts, b)
+    assert r_a[0] != pytest.approx(r_b[0], abs=1e-4)  # the random head tells the answers apart
+    probs = reward_evaluator.compare_batch(prompts, a, b, principles)
+    for row, ra, rb in zip(probs, r_a, r_b):
+        assert row[0] == pytest.approx(1 / (1 + math.exp(-(ra - rb))), abs=1e-6)
+    flipped = reward_evaluator.compare_batch(prompts, b, a, principles)
+    assert probs[0][0] + flipped[0][0] == pytest.approx(1.0, abs=1e-6)
+    # an answer's own score is its reward standardised by the saved statistics (mean 0.25, std 2)
+    score = reward_evaluator.score_batch(prompts[:1], a[:1], principles)[0][0]
+    assert score.score == pytest.approx(1 / (1 + math.exp(-(r_a[0] - 0.25) / 2.0)), abs=1e-6)
+
+
+def test_framework_uses_reward_model_only_where_the_constitution_lists_it(reward_evaluator, framework):
+    with_rm = ConstitutionalFramework(framework.constitution, reward_model=reward_evaluator)
+    listed = [p.name for p in with_rm.principles if "reward_model" in with_rm._evaluators_for(p)]
+    assert listed == ["harmless"]
+    result = with_rm.evaluate(BOMB, HOWTO)
+    assert "reward model:" in result.scores["harmless"].reason
+    assert "reward model" not in result.scores["harm_weapons"].reason
+    ab = with_rm.compare(BOMB, REFUSAL, HOWTO, principle="harmless")
+    ba = with_rm.compare(BOMB, HOWTO, REFUSAL, principle="harmless")
+    assert ab.prob_a_better + ba.prob_a_better == pytest.approx(1.0, abs=1e-6)

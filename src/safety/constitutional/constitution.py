@@ -36,7 +36,7 @@ DEFAULT_CONSTITUTION_PATH = REPO_ROOT / "data" / "constitution.yaml"
 
 CATEGORIES = ("harm", "honesty", "privacy", "fairness", "helpfulness")
 APPLIES_TO = ("all", "harmful", "benign")
-EVALUATORS = ("rules", "judge", "classifier")
+EVALUATORS = ("rules", "judge", "classifier", "reward_model")
 _REQUIRED_TEXT = ("name", "description", "critique_request", "revision_request")
 _FEW_SHOT_FIELDS = ("prompt", "response", "principle", "critique", "revision")
 

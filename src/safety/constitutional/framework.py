@@ -49,10 +49,11 @@ class Comparison:
 
 class ConstitutionalFramework:
     def __init__(self, constitution: Optional[Constitution] = None, evaluators: Optional[dict] = None,
-                 judge_model=None, judge_tokenizer=None, classifier=None):
-        """`evaluators` maps a name ("rules", "classifier", "judge") to an Evaluator, replacing the
-        built-in one. `judge_model`/`judge_tokenizer` build the model judge; `classifier` is a
-        classifier Evaluator, or "default" for the shipped weights."""
+                 judge_model=None, judge_tokenizer=None, classifier=None, reward_model=None):
+        """`evaluators` maps a name ("rules", "classifier", "judge", "reward_model") to an Evaluator,
+        replacing the built-in one. `judge_model`/`judge_tokenizer` build the model judge; `classifier`
+        is a classifier Evaluator, or "default" for the shipped weights; `reward_model` is a trained
+        reward-model directory (or a RewardModelEvaluator), used on the principles that list it."""
         self.constitution = constitution if constitution is not None else load_constitution()
         self.evaluators: Dict[str, Evaluator] = {"rules": RuleEvaluator()}
         if classifier is not None:
@@ -65,6 +66,11 @@ class ConstitutionalFramework:
                 raise ValueError("judge_model needs judge_tokenizer as well")
             from .evaluators.judge import JudgeEvaluator
             self.evaluators["judge"] = JudgeEvaluator(judge_model, judge_tokenizer)
+        if reward_model is not None:
+            from .evaluators.reward_model import RewardModelEvaluator
+            if not isinstance(reward_model, RewardModelEvaluator):
+                reward_model = RewardModelEvaluator.load(reward_model)
+            self.evaluators["reward_model"] = reward_model
         self.evaluators.update(evaluators or {})
 
     # -- helpers ------------------------------------------------------------------------------
