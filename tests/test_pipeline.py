@@ -63,15 +63,27 @@ def test_cli_help_documents_every_option():
 
 @pytest.mark.parametrize("algorithm", ["grpo", "dpo"])
 def test_stage3_algorithms_swap_in(smoke_run, tmp_path, algorithm):
-    import shutil
+    """Another algorithm on the finished run's SFT and reward models, without touching that run."""
     out, _ = smoke_run
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     run = tmp_path / algorithm
-    shutil.copytree(out, run)
-    shutil.rmtree(run / "stage3_rl")
-    config = load_pipeline_config("smoke", overrides=[f"output_dir={run}", f"rl.algorithm={algorithm}",
-                                                      "stages=[rl]"])
-    result = Pipeline(config).run()["rl"]
+    config = load_pipeline_config("smoke", overrides=[f"output_dir={run}", f"reuse_stages_from={out}",
+                                                      f"rl.algorithm={algorithm}", "stages=[rl, evaluate]",
+                                                      "evaluation.models=[rl]"])
+    results = Pipeline(config).run()
+    result = results["rl"]
     assert result["algorithm"] == algorithm and not result.get("skipped")
     assert (run / "stage3_rl/model/model.safetensors").is_file()
+    assert not (run / "stage1_sft").exists() and not (run / "stage2_reward").exists()
+    assert results["evaluate"]["models"] == ["rl"]
+    assert "mean_reward" in results["evaluate"]["summary"]["rl"]["harmful"]
     if algorithm == "dpo":
         assert result["num_pairs"] > 0 and "avg_loss" in result["final_stats"]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_reuse_stages_from_must_exist(tmp_path):
+    config = load_pipeline_config("smoke", overrides=[f"output_dir={tmp_path / 'run'}",
+                                                      f"reuse_stages_from={tmp_path / 'missing'}"])
+    with pytest.raises(FileNotFoundError, match="reuse_stages_from"):
+        Pipeline(config)

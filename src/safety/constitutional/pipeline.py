@@ -111,6 +111,12 @@ class EvalStageConfig:
     max_new_tokens: int = 96            # answer length limit when evaluating
     batch_size: int = 16                # prompts per generation batch
     num_examples: int = 4               # example answers shown side by side in the report
+    models: List[str] = field(default_factory=lambda: ["base", "sft", "rl"])  # which models to evaluate
+
+    def __post_init__(self):
+        bad = [m for m in self.models if m not in ("base", "sft", "rl")]
+        if bad or not self.models:
+            raise ValueError(f"evaluation.models: choose from base, sft, rl, got {self.models!r}")
 
 
 @dataclass
@@ -123,6 +129,7 @@ class PipelineConfig:
     dtype: Optional[str] = None         # None: bf16 on CUDA, fp32 on CPU
     seed: int = 0                       # every random choice of the run derives from it
     stages: List[str] = field(default_factory=lambda: list(STAGES))  # subset of sft, reward, rl, evaluate
+    reuse_stages_from: Optional[str] = None  # a run folder whose finished stages stand in for the stages this run does not list (read only)
     evaluators: List[str] = field(default_factory=lambda: ["rules", "classifier"])  # rules, classifier, judge (the base model asked yes/no): who scores and labels answers
     data: DataConfig = field(default_factory=DataConfig)
     critique: CritiqueRevisionConfig = field(default_factory=CritiqueRevisionConfig)
@@ -163,11 +170,21 @@ class Pipeline:
         self.device = resolve_device(config.device)
         self.constitution = load_constitution(_resolve(config.constitution))
         self._framework: Optional[ConstitutionalFramework] = None
+        if config.reuse_stages_from and not Path(config.reuse_stages_from).is_dir():
+            raise FileNotFoundError(f"reuse_stages_from: no run folder at {config.reuse_stages_from}")
 
     # -- helpers ------------------------------------------------------------------------------
     def stage_dir(self, name: str) -> Path:
-        return self.run_dir / {"sft": "stage1_sft", "reward": "stage2_reward", "rl": "stage3_rl",
-                               "evaluate": "evaluation"}[name]
+        folder = {"sft": "stage1_sft", "reward": "stage2_reward", "rl": "stage3_rl", "evaluate": "evaluation"}[name]
+        own = self.run_dir / folder
+        # Another run's finished stage stands in for one this run does not do (e.g. a second RL
+        # algorithm on the same SFT and reward models). Stages this run lists are always its own,
+        # so nothing is ever written into the other run.
+        if self.config.reuse_stages_from and name not in self.config.stages and not own.exists():
+            other = Path(self.config.reuse_stages_from) / folder
+            if (other / "stage.json").is_file():
+                return other
+        return own
 
     def stage_done(self, name: str) -> Optional[dict]:
         path = self.stage_dir(name) / "stage.json"
@@ -326,6 +343,8 @@ class Pipeline:
                                batch_size=cfg.evaluation.batch_size)
         reports = {}
         for name, stage in (("base", None), ("sft", "sft"), ("rl", "rl")):
+            if name not in cfg.evaluation.models:
+                continue
             if stage is not None and not (self.stage_dir(stage) / "model").is_dir():
                 continue
             model, tokenizer = self.model_for(stage)
