@@ -29,7 +29,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -205,29 +205,9 @@ class PolicyGradientTrainer(PPOTrainer):
             self._warned_vanilla_epochs = True
 
         self.policy.train()
-        mb_size = min(cfg.mini_batch_size or batch, batch)
-        acc: Dict[str, List[float]] = {}
-        skipped, epochs_done, stop = 0, 0, not rollout_finite
-        if not rollout_finite:
-            skipped += 1
-            log.warning("step %d: non-finite rewards/advantages in the rollout; skipping the update", self.step + 1)
-        for _ in range(num_epochs_per_batch if not stop else 0):
-            order = torch.randperm(batch, generator=self.sampler)
-            for start in range(0, batch, mb_size):
-                idx = order[start:start + mb_size]
-                metrics = self._update_policy_minibatch(rollout, idx, advantages[idx], temperature)
-                if metrics is None:
-                    skipped += 1
-                    continue
-                for key, v in metrics.items():
-                    acc.setdefault(key, []).append(v)
-                if cfg.early_stop_kl is not None and \
-                        ddp.all_reduce_mean(metrics.get("approx_kl", 0.0)) > cfg.early_stop_kl:
-                    stop = True
-                    break
-            epochs_done += 1
-            if stop:
-                break
+        acc, skipped, epochs_done = self._update_epochs(
+            batch, num_epochs_per_batch, rollout_finite,
+            lambda idx: self._update_policy_minibatch(rollout, idx, advantages[idx], temperature))
         self.policy.eval()
 
         beta_used, kl_per_answer = self._close_update(rollout, mask, batch, skipped)

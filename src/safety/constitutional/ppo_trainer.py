@@ -25,7 +25,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -466,30 +466,9 @@ class PPOTrainer:
         # update epochs over shuffled mini-batches
         self.policy.train()
         self.value_model.train()
-        mb_size = min(cfg.mini_batch_size or batch, batch)
-        acc: Dict[str, List[float]] = {}
-        skipped = 0
-        epochs_done = 0
-        stop = not rollout_finite
-        if not rollout_finite:
-            skipped += 1
-            log.warning("step %d: non-finite rewards/advantages in the rollout; skipping the update", self.step + 1)
-        for _ in range(num_epochs_per_batch if not stop else 0):
-            order = torch.randperm(batch, generator=self.sampler)
-            for start in range(0, batch, mb_size):
-                idx = order[start:start + mb_size]
-                metrics = self._update_minibatch(rollout, idx, advantages[idx], returns[idx], temperature)
-                if metrics is None:
-                    skipped += 1
-                    continue
-                for k, v in metrics.items():
-                    acc.setdefault(k, []).append(v)
-                if cfg.early_stop_kl is not None and ddp.all_reduce_mean(metrics["approx_kl"]) > cfg.early_stop_kl:
-                    stop = True
-                    break
-            epochs_done += 1
-            if stop:
-                break
+        acc, skipped, epochs_done = self._update_epochs(
+            batch, num_epochs_per_batch, rollout_finite,
+            lambda idx: self._update_minibatch(rollout, idx, advantages[idx], returns[idx], temperature))
         self.policy.eval()
         self.value_model.eval()
 
@@ -531,6 +510,38 @@ class PPOTrainer:
         }
         self._record_step(stats, rollout, "PPO")
         return stats
+
+    def _update_epochs(self, batch: int, num_epochs: int, rollout_finite: bool,
+                       update: Callable[[torch.Tensor], Optional[Dict[str, float]]]):
+        """`num_epochs` passes over the rollout in shuffled mini-batches; `update(idx)` takes one
+        gradient step and returns its metrics, or None when it skipped a non-finite update. Stops
+        early once approx KL(old || new) passes `early_stop_kl`. A non-finite rollout trains nothing.
+        Returns (metric name -> values, skipped updates, epochs done)."""
+        cfg = self.config
+        acc: Dict[str, List[float]] = {}
+        if not rollout_finite:
+            log.warning("step %d: non-finite rewards/advantages in the rollout; skipping the update", self.step + 1)
+            return acc, 1, 0
+        mb_size = min(cfg.mini_batch_size or batch, batch)
+        skipped = epochs_done = 0
+        for _ in range(num_epochs):
+            order = torch.randperm(batch, generator=self.sampler)
+            stop = False
+            for start in range(0, batch, mb_size):
+                metrics = update(order[start:start + mb_size])
+                if metrics is None:
+                    skipped += 1
+                    continue
+                for k, v in metrics.items():
+                    acc.setdefault(k, []).append(v)
+                if cfg.early_stop_kl is not None and \
+                        ddp.all_reduce_mean(metrics.get("approx_kl", 0.0)) > cfg.early_stop_kl:
+                    stop = True
+                    break
+            epochs_done += 1
+            if stop:
+                break
+        return acc, skipped, epochs_done
 
     def _close_update(self, rollout: Rollout, mask: torch.Tensor, batch: int, skipped: int):
         """Count the step and its skipped updates, feed the KL controller.
