@@ -248,7 +248,7 @@ class PolicyGradientTrainer(PPOTrainer):
             "time_rollout_s": t_rollout,
             "time_step_s": time.perf_counter() - t0,
         }
-        self._record_step(stats, rollout, cfg.algorithm)
+        self._record_step(stats, rollout)
         return stats
 
     def _update_policy_minibatch(self, rollout: Rollout, idx, advantages, temperature) -> Optional[Dict[str, float]]:

@@ -508,7 +508,7 @@ class PPOTrainer:
             "time_rollout_s": t_rollout,
             "time_step_s": time.perf_counter() - t0,
         }
-        self._record_step(stats, rollout, "PPO")
+        self._record_step(stats, rollout)
         return stats
 
     def _update_epochs(self, batch: int, num_epochs: int, rollout_finite: bool,
@@ -554,14 +554,19 @@ class PPOTrainer:
         self.kl_ctl.update(ddp.all_reduce_mean(kl_per_answer.mean().item()), batch * ddp.world_size())
         return beta_used, kl_per_answer
 
-    def _record_step(self, stats: Dict[str, Any], rollout: Rollout, algorithm: str) -> None:
+    @property
+    def algorithm(self) -> str:
+        """ppo, or the policy-gradient config's grpo | rloo | reinforce (progress bar, checkpoint metadata)."""
+        return getattr(self.config, "algorithm", "ppo")
+
+    def _record_step(self, stats: Dict[str, Any], rollout: Rollout) -> None:
         """Keep the step's metrics; stop with a clear message after too many non-finite steps."""
         self.history.append(stats)
         self.last_rollout = rollout
         if self.consecutive_bad_steps >= self.config.max_bad_steps:
             where = f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
             raise PPOTrainingError(
-                f"{self.consecutive_bad_steps} consecutive {algorithm} steps had non-finite losses or gradients "
+                f"{self.consecutive_bad_steps} consecutive {self.algorithm.upper()} steps had non-finite losses or gradients "
                 f"(max_bad_steps={self.config.max_bad_steps}); stopping. Lower the learning rate or check the "
                 f"reward model's outputs{where}.")
 
@@ -642,7 +647,7 @@ class PPOTrainer:
             self.load_checkpoint(resume_from)
         if ddp.world_size() > 1:  # ranks sample different answers (docs/distributed.md: seeding rule)
             torch.manual_seed(ddp.sampling_seed(self.config.seed + self.step))
-        bar = tqdm(total=num_steps, initial=self.step, desc="ppo", disable=not show_progress or not ddp.is_main_process())
+        bar = tqdm(total=num_steps, initial=self.step, desc=self.algorithm, disable=not show_progress or not ddp.is_main_process())
         with GracefulInterrupt() as stop:  # Ctrl-C: finish the step, save a checkpoint, stop
             self._train_loop(prompts, num_steps, batch_size, num_epochs_per_batch, max_length, temperature,
                              checkpoint_dir, checkpoint_freq, bar, stop)
@@ -731,7 +736,7 @@ class PPOTrainer:
         if ddp.is_main_process():  # ranks hold identical weights: one writer, the others wait
             ckpt.save_checkpoint(
                 checkpoint_dir, step, models, tokenizer=self.tokenizer, trainer_state=state,
-                metadata={"trainer": "ppo", "config": asdict(self.config)}, keep_last=self.config.keep_last_checkpoints)
+                metadata={"trainer": self.algorithm, "config": asdict(self.config)}, keep_last=self.config.keep_last_checkpoints)
         ddp.barrier()
         self.last_checkpoint = ckpt.checkpoint_path(checkpoint_dir, step)
         return self.last_checkpoint
