@@ -15,16 +15,16 @@ the machine hits both alike):
   reward      reward-model training pairs/s at max length 256 (ours vs trl.RewardTrainer)
   sft         SFT tokens/s (ours vs trl.SFTTrainer)
   ppo         seconds for one PPO iteration: batch 8, answers up to 48 tokens, 4 PPO epochs
-              (ours vs TRL's nearest on-policy trainer: TRL 1.16 has no PPOTrainer, see below)
+              (ours vs trl.experimental.ppo.PPOTrainer, see below)
 Each line carries the peak memory of its run (RSS on CPU, torch.cuda.max_memory_allocated on GPU)
 and `mfu`: achieved model FLOP/s over the measured matmul rate, with FLOPs per token 2N forward and
 6N forward+backward, N counting every matmul weight including the LM head (not the embedding lookup).
 
-TRL's PPOTrainer was deleted in TRL 1.16 (huggingface/trl#7020; it had lived in trl.experimental.ppo
-since 1.10). If `trl.experimental.ppo` is importable it is used; otherwise the comparison runs TRL's
-RLOOTrainer, the closest on-policy trainer it still ships: the same rollout (HF generate, batch 8,
-48 tokens), reference and reward model forwards, and 4 policy updates on that batch (num_iterations=4).
-It trains no value model, so it does strictly less work than our PPO iteration.
+TRL's PPOTrainer lives in trl.experimental.ppo from TRL 1.10 to 1.12 and was deleted in 1.13
+(huggingface/trl#7020); requirements-bench.txt pins TRL 1.12.0, the newest release with it (it
+runs with this project's transformers 5.x). With a TRL that has no PPO the comparison falls back to
+its RLOOTrainer (the same rollout, reference and reward forwards and 4 updates on the batch, but no
+value model, so strictly less work than our PPO iteration) and says so in `trl_trainer`.
 """
 from __future__ import annotations
 
@@ -613,13 +613,43 @@ def _our_ppo(b: Bench, prompts, answer_len):
 
 
 def _trl_ppo(b: Bench, prompts, answer_len):
+    try:  # TRL 1.10-1.12 ship PPO under trl.experimental.ppo; 1.13 deleted it
+        from trl.experimental.ppo import PPOConfig, PPOTrainer
+    except ImportError:
+        return _trl_rloo(b, prompts, answer_len)
+    import copy
+
     from datasets import Dataset
 
-    try:  # TRL < 1.16 kept PPO under trl.experimental.ppo
-        from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: F401
-        raise NotImplementedError("trl.experimental.ppo is present: wire it here")  # pragma: no cover
-    except ImportError:
-        pass
+    policy, ref = b.policy(), b.policy()
+    rm, value = b.reward_model().model, b.reward_model().model  # value model initialised as TRL's examples do
+    tok = copy.deepcopy(b.tokenizer)
+    tok.padding_side = "left"  # TRL pads the queries with the tokenizer's side and generates from them
+    data = Dataset.from_list([{"input_ids": tok.apply_chat_template([{"role": "user", "content": p}],
+                                                                   add_generation_prompt=True, tokenize=True,
+                                                                   return_dict=False)} for p in prompts])
+    common = _trl_common(b, PPO_BATCH, 1, "trl-ppo")
+    # Equivalent to ours: one rollout of 8, 4 epochs over it as one mini-batch, KL 0.05 (k1) in the
+    # reward, stop at end-of-turn, no sample generations, no reward whitening.
+    args = PPOConfig(**common, total_episodes=PPO_BATCH, num_mini_batches=1, num_ppo_epochs=PPO_EPOCHS,
+                     response_length=answer_len, local_rollout_forward_batch_size=PPO_BATCH,
+                     num_sample_generations=0, stop_token="eos", temperature=PPO_TEMPERATURE,
+                     kl_coef=0.05, whiten_rewards=False)
+    timer = _Timer(b.device)
+    with quiet():
+        trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=rm,
+                             train_dataset=data, value_model=value, callbacks=[timer])
+        torch.manual_seed(0)
+        with PeakMemory(b.device) as pm:
+            trainer.train()
+    del trainer, policy, ref, rm, value
+    return {"seconds": timer.seconds, "cpu_seconds": timer.cpu_seconds, "peak_mem_mb": pm.peak_mb,
+            "trl_trainer": "PPOTrainer"}
+
+
+def _trl_rloo(b: Bench, prompts, answer_len):
+    """TRL >= 1.13 has no PPO: its nearest on-policy trainer (no value model, so less work than ours)."""
+    from datasets import Dataset
     from trl import RLOOConfig, RLOOTrainer
 
     policy = b.policy()
