@@ -18,10 +18,12 @@ class RewardModelEvaluator(Evaluator):
     name = "reward_model"
     weight = 2.0
 
-    def __init__(self, reward_model, tokenizer, batch_size: int = 16, max_length: int = 512,
+    def __init__(self, reward_model, tokenizer, batch_size: int = 16, max_length: Optional[int] = None,
                  weight: Optional[float] = None):
         self.reward_model, self.tokenizer = reward_model, tokenizer
-        self.batch_size, self.max_length = batch_size, max_length
+        # Score with the context the model was trained on (the trainer saves it), else 512 tokens.
+        trained = getattr(reward_model.config, "reward_max_length", None)
+        self.batch_size, self.max_length = batch_size, max_length or trained or 512
         if weight is not None:
             self.weight = weight
         stats = reward_model.reward_stats
