@@ -1,9 +1,11 @@
 """Train (or evaluate) a Bradley-Terry reward model on preference pairs.
 
-    # train on 1,500 human hh-rlhf pairs, evaluate on the 300 held-out ones (CPU, ~15 min)
+    # train on 1,500 human hh-rlhf pairs, evaluate on the 300 held-out ones
+    # (measured: 0.657 held-out accuracy, 13 min on one CPU core; docs/reward_model.md)
     python scripts/train_reward_model.py --pairs ../shared/data/hh-rlhf-harmless/pairs.jsonl.gz --split train \\
         --eval-pairs ../shared/data/hh-rlhf-harmless/pairs.jsonl.gz --eval-split heldout \\
-        --trainable-layers 4 --output-dir outputs/reward_model
+        --keep-layers 10 --trainable-layers 2 --max-length 96 --epochs 2 --batch-size 16 \\
+        --lr 3e-5 --head-lr 1e-3 --output-dir outputs/reward_model
 
     # evaluate an existing reward model
     python scripts/train_reward_model.py --eval-only --reward-model outputs/reward_model/reward_model \\
