@@ -11,7 +11,8 @@ Prints one JSON line per measurement. Sections are independent: one that fails p
 What is measured (medians over --repeats; ours and TRL alternate run by run so that other load on
 the machine hits both alike):
   matmul      attainable fp32/bf16 matmul FLOP/s on this machine with these threads
-  generation  answer tokens/s at batch 1 and 8 (`generation.generate`, KV cache, greedy)
+  generation  answer tokens/s at batch 1 and 8 (`generation.generate`, KV cache, greedy); on CPU
+              also with the int8 sampling copy (`src.models.int8_sampling_copy`)
   reward      reward-model training pairs/s at max length 256 (ours vs trl.RewardTrainer)
   sft         SFT tokens/s (ours vs trl.SFTTrainer)
   ppo         seconds for one PPO iteration: batch 8, answers up to 48 tokens, 4 PPO epochs
@@ -302,35 +303,43 @@ def section_matmul(b: Bench):
 
 
 def section_generation(b: Bench):
+    from src.models import int8_sampling_copy
     from src.safety.constitutional.generation import GenerationConfig, generate
 
     model = b.policy()
     model.eval()
     n_params = matmul_params(model)
     new_tokens = 16 if b.small else 64
+    # The int8 copy (CPU) is for sampling-only stages; its mfu is still against the fp32 matmul rate.
+    variants = [("ours", model)] + ([("ours_int8", int8_sampling_copy(model))] if b.device.type == "cpu" else [])
     for batch in (1, 8):
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
         cfg = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, batch_size=batch)
-        generate(model, b.tokenizer, prompts, GenerationConfig(max_new_tokens=2, do_sample=False,
+        for impl, m in variants:
+            generate(m, b.tokenizer, prompts, GenerationConfig(max_new_tokens=2, do_sample=False,
                                                                batch_size=batch))  # warm-up
-        runs, mem = [], None
+        runs = {impl: [] for impl, _ in variants}
+        mem = {impl: 0.0 for impl, _ in variants}
         for _ in range(b.args.repeats):
-            with PeakMemory(b.device) as pm:
-                sync(b.device)
-                t0, c0 = time.perf_counter(), time.process_time()
-                out = generate(model, b.tokenizer, prompts, cfg)
-                sync(b.device)
-                dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-            tokens = int(out.response_mask.sum())
-            runs.append((tokens / dt, tokens, dt, tokens / cpu))
-            mem = max(mem or 0, pm.peak_mb)
-        tps = median([r[0] for r in runs])
-        yield _round({"section": "generation", "impl": "ours", "batch": batch, "max_new_tokens": new_tokens,
-                      "tokens_per_s": tps, "answer_tokens": runs[0][1], "seconds_median": median([r[2] for r in runs]),
-                      "runs_tokens_per_s": [round(r[0], 2) for r in runs], "peak_mem_mb": mem,
-                      "tokens_per_cpu_s": median([r[3] for r in runs]),
-                      "params_for_flops": n_params, "mfu": b.mfu(tps * 2 * n_params),
-                      "mfu_cpu_time": b.mfu(median([r[3] for r in runs]) * 2 * n_params, per_cpu=True)})
+            for impl, m in variants:  # interleaved, so load from other processes hits both alike
+                with PeakMemory(b.device) as pm:
+                    sync(b.device)
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    out = generate(m, b.tokenizer, prompts, cfg)
+                    sync(b.device)
+                    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+                tokens = int(out.response_mask.sum())
+                runs[impl].append((tokens / dt, tokens, dt, tokens / cpu))
+                mem[impl] = max(mem[impl], pm.peak_mb)
+        for impl, _ in variants:
+            r = runs[impl]
+            tps = median([x[0] for x in r])
+            yield _round({"section": "generation", "impl": impl, "batch": batch, "max_new_tokens": new_tokens,
+                          "tokens_per_s": tps, "answer_tokens": r[0][1], "seconds_median": median([x[2] for x in r]),
+                          "runs_tokens_per_s": [round(x[0], 2) for x in r], "peak_mem_mb": mem[impl],
+                          "tokens_per_cpu_s": median([x[3] for x in r]),
+                          "params_for_flops": n_params, "mfu": b.mfu(tps * 2 * n_params),
+                          "mfu_cpu_time": b.mfu(median([x[3] for x in r]) * 2 * n_params, per_cpu=True)})
 
 
 # .. reward model ..................................................................................

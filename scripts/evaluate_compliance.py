@@ -57,6 +57,9 @@ def parse_args(argv=None):
                    help="chat model for the judge evaluator ('default', or a directory); implies 'judge'")
     p.add_argument("--reward-model", default=None, help="a reward-model directory: report its mean score; with the reward_model evaluator it also judges")
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--int8", action="store_true",
+                   help="answer with an int8 copy of the model (CPU: ~2x faster decoding; answers differ "
+                        "slightly from the fp32 model's, so compare models evaluated the same way)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default=None, help="cpu, cuda or auto (default)")
     p.add_argument("--output", type=Path, default=None, help="folder for CSV/JSON/Markdown/PNG results")
@@ -169,6 +172,9 @@ def run_generation(args):
         from src.models import RewardModel
         reward_model = RewardModel.from_pretrained(args.reward_model, device=args.device)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False, batch_size=args.batch_size)
+    if args.int8:
+        from src.models import int8_sampling_copy
+        model = int8_sampling_copy(model)
     report = evaluate_model(model, tokenizer, prompt_sets, framework, config, reward_model=reward_model)
     print()
     print(report.to_text_table())

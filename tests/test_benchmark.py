@@ -38,7 +38,7 @@ def test_generation_section_prints_expected_fields_and_a_failing_section_is_isol
     assert by_section["machine"][0]["threads"] == 1
     assert by_section["matmul"][0]["gflops"] > 0
     gen = by_section["generation"]
-    assert sorted(g["batch"] for g in gen) == [1, 8]
+    assert sorted((g["batch"], g["impl"]) for g in gen) == [(1, "ours"), (1, "ours_int8"), (8, "ours"), (8, "ours_int8")]
     for g in gen:
         for key in ("tokens_per_s", "tokens_per_cpu_s", "seconds_median", "peak_mem_mb", "mfu", "mfu_cpu_time",
                     "params_for_flops"):

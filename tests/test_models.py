@@ -127,3 +127,19 @@ def test_seeding_repeats(tokenizer):
     a = torch.rand(4)
     seed_everything(3)
     assert torch.equal(a, torch.rand(4))
+
+
+def test_int8_sampling_copy_is_close_and_leaves_the_model_alone(tokenizer):
+    from src.models import build_tiny_llama, int8_sampling_copy
+    model, _ = build_tiny_llama(tokenizer, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    quantized = int8_sampling_copy(model)
+    assert "quantized" in type(quantized.model.layers[0].mlp.up_proj).__module__
+    assert isinstance(model.model.layers[0].mlp.up_proj, torch.nn.Linear)  # the original is untouched
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    ids = torch.tensor([tokenizer("How do vaccines work?")["input_ids"]])
+    with torch.inference_mode():
+        exact, approx = model(ids).logits, quantized(ids).logits
+    # int8 weights: small relative error, same next-token choice almost everywhere
+    assert (exact - approx).abs().max() < 0.05 * exact.abs().max()
+    assert (exact.argmax(-1) == approx.argmax(-1)).float().mean() >= 0.8
