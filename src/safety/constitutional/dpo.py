@@ -28,6 +28,7 @@ from .generation import GenerationConfig, encode_prompts, left_pad
 from .hh_rlhf import PreferencePair
 from .io import append_jsonl
 from .logprobs import sequence_logprobs
+from .optim import adamw
 from .ppo_trainer import LR_SCHEDULES, _lr_lambda, disable_dropout
 from .rl_primitives import DPO_LOSS_TYPES, dpo_loss
 
@@ -98,7 +99,7 @@ class DPOTrainer:
         self.ref_model.requires_grad_(False).eval()
         if self.config.disable_dropout:
             disable_dropout(self.policy)
-        self.optimizer = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad],
+        self.optimizer = adamw([p for p in self.policy.parameters() if p.requires_grad],
                                            lr=self.config.learning_rate, weight_decay=self.config.weight_decay)
         self.scheduler = None
         self.step = 0

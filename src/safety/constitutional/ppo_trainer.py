@@ -39,6 +39,7 @@ from . import distributed as ddp
 from .interrupts import GracefulInterrupt, interrupted
 from .io import append_jsonl
 from .logprobs import selective_log_softmax, sequence_logprobs
+from .optim import adamw
 from .rl_primitives import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, RunningMeanStd,
                             clipped_value_loss, compute_gae, conservative_kl_penalty, explained_variance,
                             kl_penalty, masked_mean, masked_whiten, ppo_policy_loss, update_reference)
@@ -264,10 +265,10 @@ class PPOTrainer:
                 else:
                     raise TypeError(f"{type(model).__name__} does not support gradient checkpointing")
 
-        self.policy_optimizer = torch.optim.AdamW(
+        self.policy_optimizer = adamw(
             [p for p in self.policy.parameters() if p.requires_grad], lr=config.learning_rate,
             weight_decay=config.weight_decay, eps=config.adam_eps)
-        self.value_optimizer = torch.optim.AdamW(
+        self.value_optimizer = adamw(
             [p for p in self.value_model.parameters() if p.requires_grad],
             lr=config.value_learning_rate or config.learning_rate, weight_decay=config.weight_decay,
             eps=config.adam_eps)

@@ -41,6 +41,7 @@ from .generation import left_pad, render_prompt
 from .hh_rlhf import PreferencePair
 from .interrupts import GracefulInterrupt, interrupted
 from .io import append_jsonl, atomic_dir, atomic_write_json
+from .optim import adamw
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +339,7 @@ class RewardTrainer:
         head_lr = self.config.head_learning_rate or self.config.learning_rate
         groups = [g for g in ({"params": body, "lr": self.config.learning_rate},
                               {"params": head, "lr": head_lr}) if g["params"]]
-        optimizer = torch.optim.AdamW(groups, weight_decay=self.config.weight_decay)
+        optimizer = adamw(groups, weight_decay=self.config.weight_decay)
         warmup = int(self.config.warmup_ratio * total_steps)
 
         def schedule(step: int) -> float:  # linear warm-up, then linear decay to 10%

@@ -36,6 +36,7 @@ from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, loa
 from .generation import render_prompt
 from .interrupts import GracefulInterrupt, interrupted
 from .io import append_jsonl
+from .optim import adamw
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +300,7 @@ class SFTTrainer:
         for name, p in self.model.named_parameters():
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-        optimizer = torch.optim.AdamW(
+        optimizer = adamw(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.learning_rate, betas=cfg.adam_betas)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
