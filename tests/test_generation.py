@@ -83,3 +83,21 @@ def test_many_prompts_are_batched_by_length_and_returned_in_order(tiny_model, to
         torch.testing.assert_close(out.logprobs[i, :n], single.logprobs[0, :n], atol=1e-4, rtol=1e-4)
         m = int(single.prompt_mask.sum())
         assert torch.equal(out.prompt_ids[i][out.prompt_mask[i].bool()], single.prompt_ids[0, -m:])
+
+
+def test_sequence_logprobs_equal_a_plain_full_forward_values_and_gradients(tiny_model, tokenizer):
+    from src.models.heads import position_ids_from_mask
+    torch.manual_seed(0)
+    out = generate(tiny_model, tokenizer, PROMPTS, GenerationConfig(max_new_tokens=6, temperature=0.9))
+    ids, mask, R = out.input_ids, out.attention_mask, out.response_ids.shape[1]
+
+    fast = sequence_logprobs(tiny_model, ids, mask, R, temperature=0.9)
+    fast.sum().backward()
+    fast_grad = tiny_model.lm_head.weight.grad.clone()
+    tiny_model.zero_grad()
+
+    logits = tiny_model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    slow = torch.log_softmax(logits[:, -R - 1:-1] / 0.9, -1).gather(-1, ids[:, -R:, None]).squeeze(-1)
+    slow.sum().backward()
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast_grad, tiny_model.lm_head.weight.grad, atol=1e-5, rtol=1e-4)

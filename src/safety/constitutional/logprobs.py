@@ -9,15 +9,16 @@ import torch.nn.functional as F
 from src.models.heads import position_ids_from_mask
 
 
-def _forward_logits(model, input_ids, attention_mask, num_logits: int) -> torch.Tensor:
-    # Only the last `num_logits` positions go through the LM head: with a 49k vocabulary the
-    # head costs more than the whole 135M backbone on the prompt, so skipping it matters.
+def _forward_logits(model, input_ids, attention_mask, keep) -> torch.Tensor:
+    """Logits at the positions `keep` (the last `keep` if an int, else a 1-D index tensor). (batch, n, vocab)"""
+    # Only those positions go through the LM head: with a 49k vocabulary the head costs more than
+    # the whole 135M backbone on the prompt, so skipping it matters.
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
-        logits_to_keep=num_logits,
+        logits_to_keep=keep,
     )
     return out.logits
 
@@ -39,7 +40,11 @@ def sequence_logprobs(
     `entropy_grad=False` computes it outside autograd (for logging only: a full-vocabulary
     log-softmax kept in the graph costs memory and backward time for nothing).
     """
-    logits = _forward_logits(model, input_ids, attention_mask, response_len + 1)[:, :-1].float()
+    # The logits predicting the answer: positions W-R-1 .. W-2. Selecting them before the LM head
+    # (rather than slicing the logits after it) spares the backward a (batch, R, vocab) zero-fill.
+    width = input_ids.shape[1]
+    keep = torch.arange(width - response_len - 1, width - 1, device=input_ids.device)
+    logits = _forward_logits(model, input_ids, attention_mask, keep).float()
     if temperature != 1.0:
         logits = logits / temperature
     targets = input_ids[:, -response_len:]
