@@ -239,14 +239,7 @@ class PolicyGradientTrainer(PPOTrainer):
             "kl_violation": mean("kl_violation"),                   # share of updates beyond the threshold
             "entropy": mean("entropy"),
             "policy_grad_norm": mean("policy_grad_norm"),
-            "answer_length": mask.sum(1).mean().item(),
-            "fraction_finished": rollout.finished.float().mean().item(),
-            "kl_coef": beta_used,
-            "learning_rate": self.policy_optimizer.param_groups[0]["lr"],
-            "epochs_done": epochs_done,
-            "skipped_updates": skipped,
-            "time_rollout_s": t_rollout,
-            "time_step_s": time.perf_counter() - t0,
+            **self._step_bookkeeping(rollout, beta_used, epochs_done, skipped, t_rollout, t0),
         }
         self._record_step(stats, rollout)
         return stats

@@ -500,17 +500,22 @@ class PPOTrainer:
             "explained_variance": explained_variance(rollout.values, returns, mask),
             "policy_grad_norm": mean("policy_grad_norm"),
             "value_grad_norm": mean("value_grad_norm"),
-            "answer_length": mask.sum(1).mean().item(),
-            "fraction_finished": rollout.finished.float().mean().item(),
-            "kl_coef": beta_used,
-            "learning_rate": self.policy_optimizer.param_groups[0]["lr"],
-            "epochs_done": epochs_done,
-            "skipped_updates": skipped,
-            "time_rollout_s": t_rollout,
-            "time_step_s": time.perf_counter() - t0,
+            **self._step_bookkeeping(rollout, beta_used, epochs_done, skipped, t_rollout, t0),
         }
         self._record_step(stats, rollout)
         return stats
+
+    def _step_bookkeeping(self, rollout: Rollout, beta_used: float, epochs_done: int, skipped: int,
+                          t_rollout: float, t0: float) -> Dict[str, float]:
+        """The metrics every online trainer logs for a step besides its losses."""
+        return {"answer_length": rollout.mask.sum(1).mean().item(),
+                "fraction_finished": rollout.finished.float().mean().item(),
+                "kl_coef": beta_used,
+                "learning_rate": self.policy_optimizer.param_groups[0]["lr"],
+                "epochs_done": epochs_done,
+                "skipped_updates": skipped,
+                "time_rollout_s": t_rollout,
+                "time_step_s": time.perf_counter() - t0}
 
     def _update_epochs(self, batch: int, num_epochs: int, rollout_finite: bool,
                        update: Callable[[torch.Tensor], Optional[Dict[str, float]]]):
