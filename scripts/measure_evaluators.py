@@ -12,6 +12,7 @@ reward model given with --reward-model (the constitution lists it for `harmless`
 Prints a Markdown table (paste it into docs/evaluators.md) and writes JSON with --output.
 """
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,8 @@ def main(argv=None):
     parser.add_argument("--judge-model", default="default", help="'' to skip the judge")
     parser.add_argument("--reward-model", default=None, help="a trained reward-model directory to measure too")
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--tables", type=Path, default=None,
+                        help="JSON file keeping each evaluator's comparisons; a rerun reuses those it holds")
     args = parser.parse_args(argv)
 
     pairs = load_pairs(args.pairs, split=args.split, limit=args.limit)
@@ -63,10 +66,16 @@ def main(argv=None):
     kinds = ["harmful"] * len(pairs)  # every hh-rlhf harmless conversation is a red-team attempt
 
     tables, timings = {}, {}
+    saved = json.loads(args.tables.read_text()) if args.tables and args.tables.is_file() else {}
     for name, evaluator in full.evaluators.items():
-        covered = [p for p in principles if name in full._evaluators_for(p)]
-        if name == "judge":
-            covered = [full.constitution.get("harmless")]
+        # Every principle, so any combination can fall back on it; the judge only `harmless` (cost).
+        covered = [full.constitution.get("harmless")] if name == "judge" else principles
+        key = f"{name}:{args.split}:{len(pairs)}:{args.reward_model if name == 'reward_model' else ''}"
+        if key in saved:
+            tables[name] = {(int(i), p): v for i, p, v in saved[key]["rows"]}
+            timings[name] = saved[key]["seconds"]
+            print(f"{name}: reused from {args.tables}", file=sys.stderr)
+            continue
         start = time.time()
         rows = []
         for s in range(0, len(pairs), 32):
@@ -75,6 +84,9 @@ def main(argv=None):
         timings[name] = time.time() - start
         tables[name] = {(i, p.name): row[j] for i, row in enumerate(rows) for j, p in enumerate(covered)}
         print(f"{name}: {timings[name]:.0f}s", file=sys.stderr)
+        if args.tables:  # keep what was computed: the judge takes the better part of an hour on CPU
+            saved[key] = {"seconds": timings[name], "rows": [[i, p, v] for (i, p), v in tables[name].items()]}
+            atomic_write_json(args.tables, saved)
 
     def measure(names, principle=None):
         evaluators = {n: Replay(n, full.evaluators[n].weight, tables[n]) for n in names}
@@ -87,7 +99,9 @@ def main(argv=None):
 
     rows = []
     combos = [["rules"], ["classifier"], ["rules", "classifier"]]
-    for combo in combos:
+    everywhere = combos + ([["classifier", "reward_model"], ["rules", "classifier", "reward_model"]]
+                           if "reward_model" in tables else [])  # it still judges `harmless` only
+    for combo in everywhere:
         rows.append(("all principles", " + ".join(combo), measure(combo)))
     harmless_combos = list(combos)
     for extra in ("judge", "reward_model"):
