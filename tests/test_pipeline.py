@@ -53,6 +53,14 @@ def test_bad_config_names_the_field(tmp_path):
         load_pipeline_config("nope")
 
 
+def test_scientific_notation_without_a_dot_is_a_number():
+    # YAML 1.1 reads 5e-6 as a string; a learning rate written that way must still work
+    config = load_pipeline_config("smoke", overrides=["rl.ppo.learning_rate=5e-6", "rl.dpo.learning_rate=1E-7"])
+    assert config.rl.ppo.learning_rate == 5e-6 and config.rl.dpo.learning_rate == 1e-7
+    with pytest.raises(ConfigError, match="rl.ppo.learning_rate: expected a number"):
+        load_pipeline_config("smoke", overrides=["rl.ppo.learning_rate=fast"])
+
+
 def test_cli_help_documents_every_option():
     out = subprocess.run([sys.executable, "scripts/train_constitutional.py", "--help"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
