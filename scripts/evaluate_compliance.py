@@ -100,7 +100,10 @@ def build_framework(args, judge=None):
     judge_model, judge_tokenizer = judge if judge is not None else (None, None)
     if "judge" in args.evaluators and judge_model is None:
         judge_model, judge_tokenizer = load_policy(args.judge_model, args.device)
-    reward_model = args.reward_model if "reward_model" in args.evaluators else None
+    reward_model = None
+    if "reward_model" in args.evaluators:
+        from src.safety.constitutional.evaluators.reward_model import RewardModelEvaluator
+        reward_model = RewardModelEvaluator.load(args.reward_model, device=args.device)
     framework = ConstitutionalFramework(constitution, judge_model=judge_model, judge_tokenizer=judge_tokenizer,
                                         classifier=classifier, reward_model=reward_model)
     if "rules" not in args.evaluators:  # rules are the fallback for principles with nothing else
@@ -168,7 +171,9 @@ def run_generation(args):
     judge = (model, tokenizer) if "judge" in args.evaluators and args.judge_model == args.model else None
     framework = build_framework(args, judge)
     reward_model = None
-    if args.reward_model:
+    if "reward_model" in framework.evaluators:  # already loaded as an evaluator: score with the same one
+        reward_model = framework.evaluators["reward_model"].reward_model
+    elif args.reward_model:
         from src.models import RewardModel
         reward_model = RewardModel.from_pretrained(args.reward_model, device=args.device)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False, batch_size=args.batch_size)

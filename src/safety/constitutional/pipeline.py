@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-
 from src.models import RewardModel, ValueModel, load_causal_lm, resolve_device, seed_everything
 
 from .checkpoint import latest_checkpoint
