@@ -89,6 +89,22 @@ def test_toy_preferences_are_learned_to_full_accuracy(tokenizer, tmp_path):
     assert std > 0 and mean == pytest.approx(summary["eval_reward_mean"])
 
 
+def test_reward_stats_come_from_training_forwards_without_an_extra_pass(tokenizer, tmp_path):
+    """No eval set: the normalisation stats are the last epoch's own rewards, so training makes
+    exactly epochs x batches forwards; with a negligible learning rate they equal a separate scoring pass."""
+    pairs = _toy_pairs(10)
+    model = _reward_model(tokenizer, num_layers=2)
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    trainer = RewardTrainer(model, tokenizer, _config(tmp_path, num_epochs=2, batch_size=4, learning_rate=1e-12))
+    summary = trainer.train(pairs)
+    assert len(calls) == 2 * 3  # 2 epochs x ceil(10 / 4) batches, nothing after training
+    scored = trainer.evaluate(pairs)
+    assert summary["eval_reward_mean"] == pytest.approx(scored["reward_mean"], abs=1e-5)
+    assert summary["eval_reward_std"] == pytest.approx(scored["reward_std"], rel=1e-4)
+    assert model.reward_stats == pytest.approx((scored["reward_mean"], scored["reward_std"]), rel=1e-4, abs=1e-5)
+
+
 def test_cached_features_match_full_forward_training(tokenizer, tmp_path):
     pairs = _toy_pairs(8)
     results = []

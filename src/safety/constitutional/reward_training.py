@@ -393,8 +393,11 @@ class RewardTrainer:
                          if self.use_cache and eval_pairs else None)
 
         stop = GracefulInterrupt().install()  # Ctrl-C: finish the step, save, stop
+        last_eval: Optional[Dict[str, float]] = None   # metrics of the eval set after the last epoch
+        seen: Dict[int, Tuple[float, float]] = {}       # last epoch's training rewards, pair index -> (r_c, r_r)
         try:
             for epoch in range(start_epoch, cfg.num_epochs):
+                seen.clear()
                 # The order depends only on (seed, epoch), so a resumed run replays the same batches.
                 batches = length_bucketed_batches(lengths, cfg.batch_size, random.Random(cfg.seed * 1000 + epoch))
                 if epoch == start_epoch and skip_batches:
@@ -443,6 +446,8 @@ class RewardTrainer:
                     self.global_step += 1
                     acc = ddp.all_reduce_mean(((r_c - r_r) > 0).float().mean().item() if local else 0.0)
                     loss_value = ddp.all_reduce_mean(loss.item()) if ok else 0.0
+                    if local and ok:
+                        seen.update(zip(local, zip(r_c.detach().float().tolist(), r_r.detach().float().tolist())))
                     run_loss, run_acc, run_n = run_loss + loss_value, run_acc + acc, run_n + 1
                     bar.set_postfix(loss=f"{run_loss / run_n:.3f}", acc=f"{run_acc / run_n:.3f}")
                     if self.global_step % cfg.log_every == 0:
@@ -457,16 +462,28 @@ class RewardTrainer:
                                  else self.save_checkpoint(optimizer, scheduler))
                         raise interrupted("reward-model training", self.global_step, where)
                 if eval_pairs:
-                    metrics = self._evaluate_encoded(eval_pairs, eval_encoded, eval_features)
+                    metrics = last_eval = self._evaluate_encoded(eval_pairs, eval_encoded, eval_features)
                     self._log({"step": self.global_step, "epoch": epoch, **{f"eval_{k}": v for k, v in metrics.items()}})
                     log.info("epoch %d eval: accuracy %.3f margin %.3f", epoch + 1, metrics["accuracy"],
                              metrics["mean_margin"])
         finally:
             stop.restore()
 
-        # Normalisation statistics for PPO: rewards over chosen + rejected of the reference set.
-        reference = (eval_pairs, eval_encoded, eval_features) if eval_pairs else (train_pairs, encoded, features)
-        final = self._evaluate_encoded(*reference)
+        # Normalisation statistics for PPO: rewards over chosen + rejected of the reference set. No
+        # extra forward pass where one was already made: the eval set was just scored with the final
+        # weights; without an eval set, the last epoch's own training rewards (detached, each pair
+        # scored once, by weights at most one epoch old) stand in. A pass over the training pairs
+        # would cost another third of a one-epoch run. Only when the last epoch did not score every
+        # pair on this rank (resumed at its end, skipped steps, several ranks) is the pass made.
+        if last_eval is not None:
+            final = last_eval
+        elif eval_pairs:
+            final = self._evaluate_encoded(eval_pairs, eval_encoded, eval_features)
+        elif len(seen) == len(train_pairs):
+            r_c, r_r = (torch.tensor([seen[i][k] for i in range(len(train_pairs))]) for k in (0, 1))
+            final = pair_metrics(r_c, r_r, torch.tensor([p.label for p in train_pairs]), cfg.margin)
+        else:
+            final = self._evaluate_encoded(train_pairs, encoded, features)
         self.model.set_reward_stats(final["reward_mean"], final["reward_std"])
         self.model.config.reward_max_length = cfg.max_length  # evaluate/score with the trained context
         self.save_checkpoint(optimizer, scheduler)
