@@ -281,7 +281,16 @@ class Bench:
             for answer in (pair.chosen, pair.rejected)]
 
     def interleave(self, runners: dict, repeats: int):
-        """Run each implementation `repeats` times in alternation: A B A B ... Returns name -> [results]."""
+        """Run each implementation `repeats` times in alternation: A B A B ... Returns name -> [results].
+
+        First `--warmup` untimed rounds of each: the first run in a process pays for growing its heap
+        (page faults on fresh memory, measured 20-27 s of system time in a first PPO iteration on a
+        freshly booted VM), and whoever runs second reuses that memory; without a warm-up the first
+        implementation is handicapped."""
+        for _ in range(self.args.warmup):
+            for fn in runners.values():
+                gc.collect()
+                fn()
         results = {name: [] for name in runners}
         for _ in range(repeats):
             for name, fn in runners.items():
@@ -717,7 +726,8 @@ def machine_info(b: Bench) -> dict:
         pass
     info = {"section": "machine", "cpu": cpu, "logical_cpus": os.cpu_count(), "torch": torch.__version__,
             "threads": b.threads, "device": str(b.device), "dtype": str(b.dtype).replace("torch.", ""),
-            "model": str(b.model_path), "repeats": b.args.repeats}
+            "model": str(b.model_path), "repeats": b.args.repeats,
+            "warmup": b.args.warmup}
     if hasattr(os, "getloadavg"):
         info["load_avg_1m"] = round(os.getloadavg()[0], 2)
     if b.device.type == "cuda":
@@ -741,6 +751,8 @@ def parse_args(argv=None):
     p.add_argument("--trl", action="store_true", help="also run TRL's trainers (pip install -r requirements-bench.txt)")
     p.add_argument("--repeats", type=int, default=2,
                    help="runs per measurement, ours and TRL alternating; the median is reported")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed rounds of each implementation before the timed ones (reward, sft, ppo)")
     p.add_argument("--output", default=None, help="also append the JSON lines to this file")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: configure_threads())")
     p.add_argument("--device", default="auto")
