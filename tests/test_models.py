@@ -143,34 +143,3 @@ def test_int8_sampling_copy_is_close_and_leaves_the_model_alone(tokenizer):
     # int8 weights: small relative error, same next-token choice almost everywhere
     assert (exact - approx).abs().max() < 0.05 * exact.abs().max()
     assert (exact.argmax(-1) == approx.argmax(-1)).float().mean() >= 0.8
-
-
-_REFAULT_PROBE = """
-import resource, sys, torch
-from src.models.device import keep_freed_memory
-applied = keep_freed_memory()
-def faults(n_bytes):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    x = torch.empty(n_bytes // 4)
-    x.fill_(1.0)
-    del x
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-faults(64 * 2**20)  # grows the heap (or maps and unmaps)
-print(applied, faults(64 * 2**20))
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
-@pytest.mark.parametrize("keep", ["1", "0"])
-def test_keep_freed_memory_stops_refaulting_large_blocks(keep):
-    """A freed 64 MiB block is reused without page faults when kept; with glibc's default it is
-    unmapped and its 16384 pages fault in again."""
-    import os
-    from pathlib import Path
-    out = subprocess.run([sys.executable, "-c", _REFAULT_PROBE], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1], env={**os.environ, "CAI_KEEP_FREED_MEMORY": keep}).stdout.split()
-    applied, refaults = out[0] == "True", int(out[1])
-    if keep == "1":
-        assert applied and refaults < 1000
-    else:
-        assert not applied and refaults > 10000

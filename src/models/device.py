@@ -1,10 +1,8 @@
 """Device, dtype and seeding: chosen once, overridable everywhere."""
 from __future__ import annotations
 
-import ctypes
 import os
 import random
-import sys
 from typing import Optional, Union
 
 import numpy as np
@@ -84,27 +82,8 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed memory for reuse instead of handing it back to the kernel.
-
-    By default glibc serves blocks above its mmap threshold (at most 32 MiB: logits, the tied
-    embedding's gradient) with fresh mmaps and unmaps them when freed, so every training step faults
-    the same pages in again. Measured on a 2-vCPU VM: 20 s of system time in a 70.8 s PPO iteration
-    of the default model; with this, 0.7 s. The cost: the process's RSS stays at its high-water mark.
-    Off with CAI_KEEP_FREED_MEMORY=0. Returns whether it was applied (glibc only).
-    """
-    if os.environ.get("CAI_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (musl, ...)
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_mmap_threshold, 2**30)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
-
-
 def configure_threads(num_threads: Optional[int] = None) -> int:
-    """One intra-op thread per available core, or $CAI_NUM_THREADS; also `keep_freed_memory()`.
+    """One intra-op thread per available core, or $CAI_NUM_THREADS.
 
     Never more threads than cores: every op ends at a barrier that waits for its slowest thread, so
     a descheduled thread stalls them all. On a machine shared with other busy processes that is
@@ -113,6 +92,5 @@ def configure_threads(num_threads: Optional[int] = None) -> int:
     """
     if num_threads is None:
         num_threads = int(os.environ.get("CAI_NUM_THREADS", 0)) or available_cpus()
-    keep_freed_memory()
     torch.set_num_threads(max(1, num_threads))
     return torch.get_num_threads()
