@@ -52,6 +52,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 from src.models import configure_threads, load_causal_lm, load_tokenizer, resolve_device, resolve_model_path  # noqa: E402
 from src.models.heads import RewardModel  # noqa: E402
+from src.models.precision import compute_dtype, set_precision  # noqa: E402
 
 SECTIONS = ("matmul", "generation", "reward", "sft", "ppo")
 PAIRS_PATH = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz"
@@ -234,9 +235,12 @@ class Bench:
         self.device = resolve_device(args.device)
         self.threads = configure_threads(args.threads) if self.device.type == "cpu" else torch.get_num_threads()
         self.model_path = resolve_model_path(args.model)
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        # Weights fp32 on both sides; matmuls in the compute dtype (bf16 autocast for ours, TRL's bf16=True).
+        set_precision(args.precision)
+        self.dtype = torch.float32
+        self.compute_dtype = compute_dtype(self.device) or torch.float32
         self.tokenizer = load_tokenizer(self.model_path)
-        self.peak_flops = self.peak_flops_cpu = None
+        self.peak_flops = self.peak_flops_cpu = self.peak_flops_fp32 = None
         self.tmp = Path(tempfile.mkdtemp(prefix="cai-bench-"))
         self.small = args.small
 
@@ -249,8 +253,8 @@ class Bench:
                                           pad_token_id=self.tokenizer.pad_token_id)
 
     def mfu(self, flops_per_s: float, per_cpu: bool = False):
-        """Fraction of the measured matmul rate; `per_cpu`: both rates per CPU-second of this process
-        (robust to other load on the machine, which stretches wall time but not CPU time)."""
+        """Fraction of the measured matmul rate in the compute dtype; `per_cpu`: both rates per CPU-second of
+        this process (robust to other load on the machine, which stretches wall time but not CPU time)."""
         peak = self.peak_flops_cpu if per_cpu else self.peak_flops
         return None if not peak else flops_per_s / peak
 
@@ -304,11 +308,15 @@ class Bench:
 # --------------------------------------------------------------------------------------------------
 
 def section_matmul(b: Bench):
-    rate = matmul_flops(b.device, b.dtype, seconds=0.3 if b.small else 1.5)
-    b.peak_flops, b.peak_flops_cpu = rate["flops"], rate["flops_per_cpu_s"]
-    yield {"section": "matmul", "dtype": str(b.dtype).replace("torch.", ""), "threads": b.threads,
-           "gflops": rate["flops"] / 1e9, "gflops_per_cpu_s": rate["flops_per_cpu_s"] / 1e9,
-           "by_shape_gflops": rate["by_shape"]}
+    """The fp32 rate, and the compute dtype's when that is bf16: `mfu` is against the compute dtype's."""
+    for dtype in dict.fromkeys([torch.float32, b.compute_dtype]):
+        rate = matmul_flops(b.device, dtype, seconds=0.3 if b.small else 1.5)
+        if dtype == torch.float32:
+            b.peak_flops_fp32 = rate["flops"]
+        b.peak_flops, b.peak_flops_cpu = rate["flops"], rate["flops_per_cpu_s"]
+        yield {"section": "matmul", "dtype": str(dtype).replace("torch.", ""), "threads": b.threads,
+               "gflops": rate["flops"] / 1e9, "gflops_per_cpu_s": rate["flops_per_cpu_s"] / 1e9,
+               "by_shape_gflops": rate["by_shape"]}
 
 
 def section_generation(b: Bench):
@@ -319,7 +327,8 @@ def section_generation(b: Bench):
     model.eval()
     n_params = matmul_params(model)
     new_tokens = 16 if b.small else 64
-    # The int8 copy (CPU) is for sampling-only stages; its mfu is still against the fp32 matmul rate.
+    # The int8 copy (CPU) is for sampling-only stages. Every line has mfu against the compute dtype's rate
+    # and mfu_vs_fp32_rate.
     variants = [("ours", model)] + ([("ours_int8", int8_sampling_copy(model))] if b.device.type == "cpu" else [])
     for batch in (1, 8):
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
@@ -348,6 +357,7 @@ def section_generation(b: Bench):
                           "runs_tokens_per_s": [round(x[0], 2) for x in r], "peak_mem_mb": mem[impl],
                           "tokens_per_cpu_s": median([x[3] for x in r]),
                           "params_for_flops": n_params, "mfu": b.mfu(tps * 2 * n_params),
+                          "mfu_vs_fp32_rate": tps * 2 * n_params / b.peak_flops_fp32 if b.peak_flops_fp32 else None,
                           "mfu_cpu_time": b.mfu(median([x[3] for x in r]) * 2 * n_params, per_cpu=True)})
 
 
@@ -428,7 +438,7 @@ def _trl_common(b: Bench, batch: int, steps: int, name: str) -> dict:
     return dict(output_dir=str(b.tmp / name), per_device_train_batch_size=batch, gradient_accumulation_steps=1,
                 max_steps=steps, learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0,
                 logging_steps=10**6, save_strategy="no", report_to="none", disable_tqdm=True,
-                use_cpu=b.device.type == "cpu", bf16=b.dtype == torch.bfloat16, seed=0,
+                use_cpu=b.device.type == "cpu", bf16=b.compute_dtype == torch.bfloat16, seed=0,
                 dataloader_num_workers=0, max_grad_norm=1.0,
                 # TRL's configs default to gradient checkpointing (~1/3 more compute, less memory);
                 # ours default to off. Equivalent settings: off on both sides.
@@ -725,7 +735,8 @@ def machine_info(b: Bench) -> dict:
     except OSError:
         pass
     info = {"section": "machine", "cpu": cpu, "logical_cpus": os.cpu_count(), "torch": torch.__version__,
-            "threads": b.threads, "device": str(b.device), "dtype": str(b.dtype).replace("torch.", ""),
+            "threads": b.threads, "device": str(b.device), "weights_dtype": str(b.dtype).replace("torch.", ""),
+            "compute_dtype": str(b.compute_dtype).replace("torch.", ""),
             "model": str(b.model_path), "repeats": b.args.repeats,
             "warmup": b.args.warmup}
     if hasattr(os, "getloadavg"):
@@ -756,6 +767,9 @@ def parse_args(argv=None):
     p.add_argument("--output", default=None, help="also append the JSON lines to this file")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: configure_threads())")
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
+                   help="matmul precision on both sides: auto (the default, or $CAI_PRECISION: bf16 on CUDA and CPUs "
+                        "with native bf16; TRL gets bf16=True then), bf16, fp32. Weights stay fp32 in every case")
     p.add_argument("--trl-only", action="store_true", help="run only TRL's side of the comparisons (implies --trl)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="turn gradient checkpointing on in both ours and TRL's trainers (default: off in both)")

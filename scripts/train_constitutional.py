@@ -37,7 +37,9 @@ def build_parser(describe_all: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--rl-algorithm", help="stage-3 algorithm: ppo (default), grpo, rloo, reinforce, or dpo (DPO on stage 2's "
                              "preference pairs instead of RL against the reward model)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
-    parser.add_argument("--dtype", help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--dtype", help="weights: float32 (default), bfloat16, float16")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"),
+                        help="matmuls: auto (default: bf16 on CUDA and on CPUs with native bf16, else fp32), bf16, fp32")
     parser.add_argument("--seed", type=int, help="seed for every random choice of the run")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.NAME=VALUE",
                         help="override any option listed below, e.g. --set rl.steps=40 (repeatable)")
@@ -57,6 +59,7 @@ def main(argv=None) -> int:
     overrides = list(args.overrides)
     for flag, key in (("model", "model"), ("constitution", "constitution"), ("output_dir", "output_dir"),
                       ("rl_algorithm", "rl.algorithm"), ("device", "device"), ("dtype", "dtype"),
+                      ("precision", "precision"),
                       ("seed", "seed")):
         value = getattr(args, flag)
         if value is not None:

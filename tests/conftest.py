@@ -1,4 +1,5 @@
 """Shared fixtures: the real tokenizer, a tiny random Llama built on it, and the real default model."""
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +11,9 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 from src.models import build_tiny_llama, configure_threads, load_causal_lm, load_tokenizer  # noqa: E402
 
+# Tests compare numbers across code paths at fp32 tolerances, so they run in fp32 whatever the CPU;
+# the bf16 path has its own tests (test_precision.py), which ask for it explicitly.
+os.environ.setdefault("CAI_PRECISION", "fp32")
 configure_threads()  # CAI_NUM_THREADS=1 is much faster when other processes share the cores
 
 

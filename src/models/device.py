@@ -24,15 +24,15 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 
 
 def resolve_dtype(device: torch.device, dtype: Optional[Union[str, torch.dtype]] = None) -> torch.dtype:
-    """bf16 on CUDA that supports it (halves memory, full-rate tensor cores), else fp32.
+    """The dtype weights are stored in: fp32 unless asked otherwise.
 
-    CPU stays fp32: bf16 matmuls on most CPUs are emulated and slower, and tests need exact repeats.
+    Speed comes from the compute precision instead (`precision.autocast`: bf16 matmuls on CUDA and on
+    CPUs with native bf16). Storing trainable weights in bf16 would lose AdamW updates smaller than
+    bf16's resolution, which at RLHF learning rates is most of them. `device` is kept for callers.
     """
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
         return torch.float32
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)} or 'auto'")

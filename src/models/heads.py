@@ -17,6 +17,7 @@ from torch import nn
 
 from .device import resolve_device, resolve_dtype
 from .loading import resolve_model_path
+from .precision import autocast
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -48,6 +49,14 @@ def score_head(model: nn.Module) -> nn.Module:
     raise TypeError(f"{type(model).__name__} has no scalar head named score/classifier")
 
 
+def head_scores(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The scalar head on hidden states, in fp32 outside any autocast (a 1-output matmul costs
+    nothing, and bf16 would round rewards and values to 3 significant digits). (batch, seq)"""
+    head = score_head(model)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return head(hidden.to(head.weight.dtype)).squeeze(-1).float()
+
+
 class ScalarHeadModel(nn.Module):
     """Backbone + linear head giving one scalar per token; subclasses choose which tokens matter."""
 
@@ -69,13 +78,14 @@ class ScalarHeadModel(nn.Module):
 
     def token_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Scalar at every position. (batch, seq)"""
-        hidden = backbone_of(self.model)(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-        ).last_hidden_state
-        return score_head(self.model)(hidden).squeeze(-1).float()
+        with autocast(input_ids.device):
+            hidden = backbone_of(self.model)(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False,
+            ).last_hidden_state
+        return head_scores(self.model, hidden)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if attention_mask is None:

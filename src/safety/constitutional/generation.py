@@ -14,6 +14,8 @@ from typing import List, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
+from src.models.precision import sampling_twin
+
 log = logging.getLogger(__name__)
 
 Message = dict
@@ -197,13 +199,14 @@ def generate(
         order.sort(key=lambda i: len(encoded[i]))
     was_training = model.training
     model.eval()
+    sampler = sampling_twin(model)  # bf16 weights for decoding when the compute precision is bf16
     chunks = []
     starts = range(0, len(prompts), config.batch_size)
     for start in tqdm(starts, desc=desc, disable=not show_progress or len(starts) < 2, leave=False):
         idx = order[start:start + config.batch_size]
         p_ids, p_mask = left_pad([encoded[i] for i in idx], tokenizer.pad_token_id, device)
         p_texts = [all_texts[i] for i in idx]
-        r_ids = _generate_batch(model, tokenizer, p_ids, p_mask, config, eos_ids)
+        r_ids = _generate_batch(sampler, tokenizer, p_ids, p_mask, config, eos_ids)
         r_mask, finished = _response_mask(r_ids, eos_ids)
         r_ids = torch.where(r_mask.bool(), r_ids, tokenizer.pad_token_id)
         logprobs = None

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from src.models import RewardModel, ValueModel, load_causal_lm, resolve_device, seed_everything
+from src.models.precision import set_precision
 
 from .checkpoint import latest_checkpoint
 from .config_utils import from_dict, to_dict
@@ -125,7 +126,8 @@ class PipelineConfig:
     constitution: Optional[str] = None  # None: data/constitution.yaml
     output_dir: str = "runs/default"
     device: Optional[str] = None        # None: CUDA if present, else CPU
-    dtype: Optional[str] = None         # None: bf16 on CUDA, fp32 on CPU
+    dtype: Optional[str] = None         # weights: None = fp32 (trainable weights need it; see src/models/precision.py)
+    precision: Optional[str] = None     # matmuls: auto (bf16 on CUDA and CPUs with native bf16) | bf16 | fp32; None: $CAI_PRECISION or auto
     seed: int = 0                       # every random choice of the run derives from it
     stages: List[str] = field(default_factory=lambda: list(STAGES))  # subset of sft, reward, rl, evaluate
     reuse_stages_from: Optional[str] = None  # a run folder whose finished stages stand in for the stages this run does not list (read only)
@@ -167,6 +169,7 @@ class Pipeline:
         self.config = config
         self.run_dir = Path(config.output_dir)
         self.device = resolve_device(config.device)
+        set_precision(config.precision)
         self.constitution = load_constitution(_resolve(config.constitution))
         self._framework: Optional[ConstitutionalFramework] = None
         if config.reuse_stages_from and not Path(config.reuse_stages_from).is_dir():

@@ -30,8 +30,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from src.models.heads import (ScalarHeadModel, ValueModel, backbone_of, last_token_index, score_head,
+from src.models.heads import (ScalarHeadModel, ValueModel, backbone_of, head_scores, last_token_index,
                              position_ids_from_mask)
+from src.models.precision import autocast
 
 from . import checkpoint as ckpt
 from .generation import GenerationConfig, GenerationOutput, generate, to_messages, tokenize_prompts
@@ -332,14 +333,14 @@ class PPOTrainer:
         frozen_device = _device_of(self.reward_model)
         ids, mask = input_ids.to(frozen_device), attention_mask.to(frozen_device)
         if self._shared_frozen:
-            hidden = backbone_of(self.reward_model)(input_ids=ids, attention_mask=mask,
-                                                  position_ids=position_ids_from_mask(mask),
-                                                  use_cache=False).last_hidden_state
+            with autocast(frozen_device):
+                hidden = backbone_of(self.reward_model)(input_ids=ids, attention_mask=mask,
+                                                      position_ids=position_ids_from_mask(mask),
+                                                      use_cache=False).last_hidden_state
             logits = nn.functional.linear(hidden[:, -response_len - 1:-1], self._ref_lm_head.weight,
                                           getattr(self._ref_lm_head, "bias", None)).float()
             ref_logprobs = selective_log_softmax(logits / temperature, ids[:, -response_len:])
-            head = score_head(self.reward_model)
-            token_scores = head(hidden).squeeze(-1).float()
+            token_scores = head_scores(self.reward_model, hidden)
             scores = token_scores.gather(1, last_token_index(mask)[:, None]).squeeze(1)
         else:
             ref_logprobs = sequence_logprobs(self.ref_model, ids.to(_device_of(self.ref_model)),

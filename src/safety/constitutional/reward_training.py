@@ -33,7 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from src.models.heads import RewardModel, backbone_of, last_token_index, position_ids_from_mask, score_head
+from src.models.heads import (RewardModel, backbone_of, head_scores, last_token_index, position_ids_from_mask,
+                             score_head)
+from src.models.precision import autocast
 
 from . import distributed as ddp
 from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
@@ -209,7 +211,7 @@ def bottom_features(reward_model: RewardModel, input_ids: torch.Tensor, attentio
                     first_trainable: int) -> torch.Tensor:
     """Hidden states entering layer `first_trainable` (before any final norm). (batch, seq, hidden)"""
     backbone = backbone_of(reward_model)
-    with _layer_range(backbone, 0, first_trainable, final_norm=False):
+    with _layer_range(backbone, 0, first_trainable, final_norm=False), autocast(input_ids.device):
         return backbone(input_ids=input_ids, attention_mask=attention_mask,
                         position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
 
@@ -218,10 +220,10 @@ def rewards_from_features(reward_model: RewardModel, hidden: torch.Tensor, atten
                           first_trainable: int) -> torch.Tensor:
     """Top layers + final norm + head on cached bottom features; reward at the last real token. (batch,)"""
     backbone = backbone_of(reward_model)
-    with _layer_range(backbone, first_trainable, len(backbone.layers), final_norm=True):
+    with _layer_range(backbone, first_trainable, len(backbone.layers), final_norm=True), autocast(hidden.device):
         top = backbone(inputs_embeds=hidden, attention_mask=attention_mask,
                        position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
-    scores = score_head(reward_model)(top).squeeze(-1).float()
+    scores = head_scores(reward_model, top)
     return scores.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
 
 

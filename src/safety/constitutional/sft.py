@@ -29,13 +29,12 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from src.models.heads import backbone_of
-
 from . import distributed as ddp
 from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
 from .generation import render_prompt
 from .interrupts import GracefulInterrupt, interrupted
 from .io import append_jsonl
+from .logprobs import lm_logits
 from .optim import adamw
 
 log = logging.getLogger(__name__)
@@ -190,11 +189,6 @@ def split_eval(records: Sequence[dict], fraction: float, seed: int):
     return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
 
 
-def _rescales_logits(config) -> bool:
-    """Models whose causal-LM forward changes the head's output (soft-capping, scaling)."""
-    return bool(getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None))
-
-
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float) -> float:
     """Linear warm-up from lr/warmup to lr, then cosine/linear decay to min_ratio * lr."""
     if warmup_steps > 0 and step < warmup_steps:
@@ -244,16 +238,10 @@ class SFTTrainer:
         batch = {k: v.to(self.device) for k, v in batch.items()}
         targets = batch["labels"][:, 1:]                     # token t is predicted at position t-1
         keep = targets != IGNORE_INDEX                       # (batch, seq-1) answer positions
-        head = self.model.get_output_embeddings()
-        if head is None or _rescales_logits(self.model.config):
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                use_cache=False).logits[:, :-1][keep]
-        else:
-            # The 49k-vocabulary LM head costs as much as the backbone here: run it on answer
-            # positions only (prompt positions are masked out of the loss anyway).
-            hidden = backbone_of(self.model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                             use_cache=False).last_hidden_state   # (batch, seq, hidden)
-            logits = head(hidden[:, :-1][keep])               # (answer_tokens, vocab)
+        # The 49k-vocabulary LM head costs as much as the backbone here: run it on answer positions only
+        # (prompt positions are masked out of the loss anyway).
+        positions = torch.cat([keep, torch.zeros_like(keep[:, :1])], 1)  # logits at t predict token t+1
+        logits = lm_logits(self.model, batch["input_ids"], batch["attention_mask"], positions)  # (answer_tokens, vocab)
         loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
         return loss, int(keep.sum())
 

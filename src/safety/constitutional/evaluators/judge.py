@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..generation import GenerationConfig, tokenize_prompts
-from ..logprobs import _forward_logits
+from ..logprobs import lm_logits
 from .base import Evaluator, PrincipleScore, make_score
 
 SCORE_TEMPLATE = ("Here is a conversation between a human and an AI assistant.\n\n{conversation}\n\n"
@@ -81,7 +81,7 @@ class JudgeEvaluator(Evaluator):
         for start in range(0, len(texts), self.batch_size):
             ids, mask, _ = tokenize_prompts(self.tokenizer, list(texts[start:start + self.batch_size]),
                                             self._config, device)
-            logits = _forward_logits(self.model, ids, mask, 1)[:, -1].float()   # (batch, vocab)
+            logits = lm_logits(self.model, ids, mask, torch.tensor([ids.shape[1] - 1], device=ids.device))[:, -1]  # (batch, vocab)
             rows.append(torch.log_softmax(logits, dim=-1).cpu())
         if was_training:
             self.model.train()

@@ -1,0 +1,120 @@
+"""Mixed precision: fp32 weights, bf16 matmuls under autocast, a bf16 twin for decoding.
+
+These tests ask for bf16 explicitly (the rest of the suite runs in fp32, see conftest.py); bf16
+autocast works on every x86 CPU, natively fast only with AVX512-BF16/AMX.
+"""
+import copy
+
+import pytest
+import torch
+
+from src.models import RewardModel, ValueModel, build_tiny_llama
+from src.models import precision
+from src.models.precision import autocast, compute_dtype, sampling_twin, set_precision
+from src.safety.constitutional.generation import GenerationConfig, generate
+from src.safety.constitutional.logprobs import sequence_logprobs
+from src.safety.constitutional.ppo_trainer import PPOConfig, PPOTrainer
+
+PROMPTS = ["Say hi", "Name a colour.", "What is two plus two?", "Tell me a short joke about cats."]
+
+
+@pytest.fixture()
+def bf16():
+    set_precision("bf16")
+    yield
+    set_precision(None)
+
+
+def test_the_setting_decides_autocast_and_bad_values_are_named(monkeypatch):
+    try:
+        set_precision("fp32")
+        assert compute_dtype("cpu") is None
+        with autocast("cpu") as dtype:
+            assert dtype is None and not torch.is_autocast_enabled("cpu")
+        set_precision("bf16")
+        assert compute_dtype("cpu") == torch.bfloat16 and compute_dtype("meta") is None
+        with autocast("cpu") as dtype:
+            assert dtype == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+        set_precision("auto")
+        assert (compute_dtype("cpu") == torch.bfloat16) == precision.native_bf16("cpu")
+        with pytest.raises(ValueError, match="fp8"):
+            set_precision("fp8")
+        set_precision(None)
+        monkeypatch.setenv("CAI_PRECISION", "half")
+        with pytest.raises(ValueError, match="CAI_PRECISION"):
+            compute_dtype("cpu")
+    finally:
+        set_precision(None)
+
+
+def test_sampling_twin_is_bf16_and_follows_the_live_weights(tokenizer, bf16):
+    model, _ = build_tiny_llama(tokenizer, seed=0)
+    twin = sampling_twin(model)
+    assert twin is not model
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in twin.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters())          # the trained weights stay fp32
+    assert all(b.dtype == torch.float32 for b in twin.buffers() if b.is_floating_point())  # rotary frequencies
+    with torch.no_grad():
+        model.model.norm.weight.add_(0.5)
+    again = sampling_twin(model)
+    assert again is twin                                                     # built once, refreshed in place
+    assert torch.equal(again.model.norm.weight, model.model.norm.weight.to(torch.bfloat16))
+    set_precision("fp32")
+    assert sampling_twin(model) is model
+
+
+def test_bf16_logprobs_track_fp32_on_the_real_model(default_model):
+    model, tok = default_model
+    msgs = [{"role": "user", "content": "How do I make bread at home?"},
+            {"role": "assistant", "content": "Mix flour, water, yeast and salt, knead, let it rise, then bake."}]
+    ids = torch.tensor([tok.apply_chat_template(msgs, tokenize=True, return_dict=False)])
+    attn = torch.ones_like(ids)
+    try:
+        with torch.no_grad():
+            set_precision("fp32")
+            lp32 = sequence_logprobs(model, ids, attn, 20)
+            set_precision("bf16")
+            lp16 = sequence_logprobs(model, ids, attn, 20)
+    finally:
+        set_precision(None)
+    err = (lp16 - lp32).abs()
+    assert lp16.dtype == torch.float32
+    assert 0 < err.mean() < 0.05 and err.max() < 0.3, (err.mean(), err.max())  # bf16 ran, and stayed close
+
+
+def test_ppo_in_bf16_starts_at_ratio_one_and_trains_fp32_weights(tokenizer, bf16):
+    policy, _ = build_tiny_llama(tokenizer, seed=0)
+    reward = RewardModel.from_causal_lm(build_tiny_llama(tokenizer, seed=1)[0], device="cpu", head_init_std=0.5)
+    trainer = PPOTrainer(policy, ValueModel.from_causal_lm(policy, device="cpu"), reward, tokenizer, "cpu",
+                         config=PPOConfig(learning_rate=1e-3))
+    torch.manual_seed(0)
+    ro = trainer.rollout(PROMPTS, max_new_tokens=6)
+    R = ro.mask.shape[1]
+    with torch.no_grad():  # the update's first forward reproduces the rollout's log-probs exactly: ratio 1
+        again = sequence_logprobs(trainer.policy, ro.input_ids, ro.attention_mask, R) * ro.mask
+    assert torch.equal(again, ro.logprobs)
+
+    before = copy.deepcopy(trainer.policy.state_dict())
+    torch.manual_seed(0)
+    stats = trainer.train_step(PROMPTS, max_length=6, num_epochs_per_batch=2)
+    assert stats["kl_divergence"] == 0.0          # policy == reference at the first rollout, bf16 or not
+    assert all(torch.isfinite(torch.tensor(stats[k])) for k in ("policy_loss", "value_loss", "approx_kl"))
+    for name, tensor in trainer.policy.state_dict().items():
+        assert tensor.dtype == torch.float32, name
+    assert any(not torch.equal(before[k], v) for k, v in trainer.policy.state_dict().items())
+
+
+def test_generation_samples_from_the_twin_and_scores_with_the_policy(tokenizer, bf16):
+    model, _ = build_tiny_llama(tokenizer, seed=0)
+    cfg = GenerationConfig(max_new_tokens=6, do_sample=False, batch_size=4)
+    out = generate(model, tokenizer, PROMPTS, cfg, return_logprobs=True)
+    twin = sampling_twin(model)
+    P, n = out.prompt_ids.shape[1], out.response_ids.shape[1]
+    with torch.inference_mode():
+        expected = twin.generate(input_ids=out.prompt_ids, attention_mask=out.attention_mask[:, :P], max_new_tokens=6,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)[:, P:P + n]
+    real = out.response_mask.bool()
+    assert torch.equal(expected[real], out.response_ids[real])
+    with torch.no_grad():
+        lp = sequence_logprobs(model, out.input_ids, out.attention_mask, n) * out.response_mask
+    assert torch.equal(lp, out.logprobs)
