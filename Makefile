@@ -4,6 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
+# glibc keeps freed memory instead of re-faulting it every step (src/allocator.py; the scripts also do this)
+export MALLOC_MMAP_THRESHOLD_ ?= 1000000000000
+export MALLOC_TRIM_THRESHOLD_ ?= 1000000000000
 
 .PHONY: setup provision test train smoke benchmark clean
 

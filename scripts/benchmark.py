@@ -46,6 +46,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+if __name__ == "__main__":  # before torch loads: restart once with glibc keeping freed memory (src/allocator.py)
+    from src.allocator import keep_freed_memory
+    keep_freed_memory()
+
 import torch  # noqa: E402
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")

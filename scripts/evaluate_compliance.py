@@ -27,6 +27,10 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+if __name__ == "__main__":  # before torch loads: restart once with glibc keeping freed memory (src/allocator.py)
+    from src.allocator import keep_freed_memory
+    keep_freed_memory()
+
 from src.safety.constitutional.constitution import load_constitution  # noqa: E402
 from src.safety.constitutional.framework import ConstitutionalFramework  # noqa: E402
 from src.safety.constitutional.io import atomic_write_json, read_jsonl, read_prompts  # noqa: E402

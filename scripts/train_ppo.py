@@ -19,6 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+if __name__ == "__main__":  # before torch loads: restart once with glibc keeping freed memory (src/allocator.py)
+    from src.allocator import keep_freed_memory
+    keep_freed_memory()
+
 from src.models import RewardModel, ValueModel, configure_threads, load_causal_lm, resolve_device, seed_everything  # noqa: E402
 from src.safety.constitutional.checkpoint import latest_checkpoint  # noqa: E402
 from src.safety.constitutional.io import atomic_write_json, read_prompts  # noqa: E402

@@ -20,9 +20,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+if __name__ == "__main__":  # before torch loads: restart once with glibc keeping freed memory (src/allocator.py)
+    from src.allocator import keep_freed_memory
+    keep_freed_memory()
+
+import torch  # noqa: E402
 
 from src.models import RewardModel, configure_threads, load_tokenizer, seed_everything  # noqa: E402
 from src.models.loading import ModelNotFoundError  # noqa: E402

@@ -17,6 +17,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+if __name__ == "__main__":  # before torch loads: restart once with glibc keeping freed memory (src/allocator.py)
+    from src.allocator import keep_freed_memory
+    keep_freed_memory()
+
 from src.models import configure_threads, load_causal_lm, seed_everything  # noqa: E402
 from src.safety.constitutional.constitution import load_constitution  # noqa: E402
 from src.safety.constitutional.critique_revision import (CritiqueRevisionConfig, run_critique_revision,  # noqa: E402

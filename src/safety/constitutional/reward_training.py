@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from src.models.heads import (RewardModel, backbone_of, head_scores, last_token_index, position_ids_from_mask,
                              score_head)
+from src.models.attention import attention_for
 from src.models.precision import autocast
 
 from . import distributed as ddp
@@ -211,7 +212,8 @@ def bottom_features(reward_model: RewardModel, input_ids: torch.Tensor, attentio
                     first_trainable: int) -> torch.Tensor:
     """Hidden states entering layer `first_trainable` (before any final norm). (batch, seq, hidden)"""
     backbone = backbone_of(reward_model)
-    with _layer_range(backbone, 0, first_trainable, final_norm=False), autocast(input_ids.device):
+    with _layer_range(backbone, 0, first_trainable, final_norm=False), autocast(input_ids.device), \
+            attention_for(backbone, input_ids):
         return backbone(input_ids=input_ids, attention_mask=attention_mask,
                         position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
 
@@ -220,7 +222,8 @@ def rewards_from_features(reward_model: RewardModel, hidden: torch.Tensor, atten
                           first_trainable: int) -> torch.Tensor:
     """Top layers + final norm + head on cached bottom features; reward at the last real token. (batch,)"""
     backbone = backbone_of(reward_model)
-    with _layer_range(backbone, first_trainable, len(backbone.layers), final_norm=True), autocast(hidden.device):
+    with _layer_range(backbone, first_trainable, len(backbone.layers), final_norm=True), autocast(hidden.device), \
+            attention_for(backbone, attention_mask):
         top = backbone(inputs_embeds=hidden, attention_mask=attention_mask,
                        position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
     scores = head_scores(reward_model, top)

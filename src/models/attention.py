@@ -1,0 +1,48 @@
+"""Which attention kernel a forward uses: plain matmul-softmax attention for short sequences on CPU.
+
+PyTorch's CPU SDPA (a flash-attention kernel) is built for long sequences; at RLHF lengths (tens to
+a couple hundred tokens) its backward is slower than two matmuls and a softmax. Measured with
+SmolLM2-135M under bf16 autocast on 2 Zen 4 cores, batch 8 x 94 tokens: backward 1.04 s with
+eager attention vs 1.26 s with SDPA, and a whole PPO iteration 22.4-22.9 s vs 26.4-28.2 s
+(docs/performance.md). Eager attention keeps (batch, heads, T, T) probabilities for the backward,
+about 6 bytes per element per layer: at T = 256 and batch 8 that is 0.85 GB for a 30-layer model,
+so longer sequences keep SDPA. On CUDA SDPA is always used, and so it is under gradient
+checkpointing (its recomputation runs outside the forward's block). Forwards through eager
+attention are not bit-identical across two copies of a model in fp32 (the matmul kernels depend on
+memory alignment; 1 ulp), where SDPA's were.
+
+The switch is Hugging Face's own: `config._attn_implementation` is read at every forward.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+EAGER_MAX_TOKENS = 256
+
+
+@contextlib.contextmanager
+def attention_for(model: nn.Module, input_ids: torch.Tensor) -> Iterator[str]:
+    """Eager attention inside this block if `input_ids` are short and on CPU and `model` uses SDPA."""
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current != "sdpa" or input_ids.device.type != "cpu" or input_ids.shape[-1] > EAGER_MAX_TOKENS \
+            or _checkpointing(model):
+        yield current
+        return
+    config._attn_implementation = "eager"
+    try:
+        yield "eager"
+    finally:
+        config._attn_implementation = current
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Gradient checkpointing recomputes layers during backward, outside this block: keep one kernel."""
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+__all__ = ["EAGER_MAX_TOKENS", "attention_for"]
