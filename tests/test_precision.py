@@ -118,3 +118,18 @@ def test_generation_samples_from_the_twin_and_scores_with_the_policy(tokenizer, 
     with torch.no_grad():
         lp = sequence_logprobs(model, out.input_ids, out.attention_mask, n) * out.response_mask
     assert torch.equal(lp, out.logprobs)
+
+
+def test_packed_linear_gives_the_bf16_linear_numbers_and_follows_refreshes():
+    if not precision._can_pack(torch.device("cpu")):
+        pytest.skip("this torch build has no oneDNN packed bf16 linear")
+    source = torch.nn.Linear(32, 24)
+    packed = precision.PackedLinear(source)
+    x = torch.randn(2, 5, 32)
+    expected = torch.nn.functional.linear(x.bfloat16(), source.weight.bfloat16(), source.bias.bfloat16())
+    assert torch.equal(packed(x), expected)
+    with torch.no_grad():
+        source.weight.mul_(2)
+    packed.refresh(source)
+    assert torch.equal(packed(x), torch.nn.functional.linear(x.bfloat16(), source.weight.bfloat16(),
+                                                             source.bias.bfloat16()))
