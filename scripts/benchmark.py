@@ -628,7 +628,7 @@ def _our_ppo(b: Bench, prompts, answer_len):
     policy = b.policy()
     rm = b.reward_model()
     cfg = make_config(PPOConfig, learning_rate=1e-5, kl_penalty=0.05, reward_normalization="none",
-                      gradient_checkpointing=b.args.gradient_checkpointing)
+                      gradient_checkpointing=b.args.gradient_checkpointing, lora_r=b.args.lora_r, lora_alpha=16.0)
     trainer = PPOTrainer(policy, None, rm, b.tokenizer, b.device, config=cfg)
     torch.manual_seed(0)
     with PeakMemory(b.device) as pm, quiet():
@@ -653,7 +653,8 @@ def _trl_ppo(b: Bench, prompts, answer_len):
 
     from datasets import Dataset
 
-    policy, ref = b.policy(), b.policy()
+    policy = b.policy()
+    ref = None if b.args.lora_r else b.policy()  # with LoRA TRL, like ours, uses the adapter-free policy
     rm, value = b.reward_model().model, b.reward_model().model  # value model initialised as TRL's examples do
     tok = copy.deepcopy(b.tokenizer)
     tok.padding_side = "left"  # TRL pads the queries with the tokenizer's side and generates from them
@@ -669,8 +670,13 @@ def _trl_ppo(b: Bench, prompts, answer_len):
                      kl_coef=0.05, whiten_rewards=False)
     timer = _Timer(b.device)
     with quiet():
+        peft = {}
+        if b.args.lora_r:
+            from peft import LoraConfig
+            peft["peft_config"] = LoraConfig(r=b.args.lora_r, lora_alpha=16.0, lora_dropout=0.0,
+                                             target_modules="all-linear", task_type="CAUSAL_LM")
         trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=rm,
-                             train_dataset=data, value_model=value, callbacks=[timer])
+                             train_dataset=data, value_model=value, callbacks=[timer], **peft)
         torch.manual_seed(0)
         with PeakMemory(b.device) as pm:
             trainer.train()
@@ -713,7 +719,7 @@ def section_ppo(b: Bench):
         secs = [r["seconds"] for r in runs]
         rec = {"section": "ppo", "impl": impl, "seconds_median": median(secs),
                "cpu_seconds_median": median([r["cpu_seconds"] for r in runs]), "runs_seconds": [round(s, 3) for s in secs],
-               "batch": PPO_BATCH, "answer_tokens_max": answer_len, "ppo_epochs": PPO_EPOCHS,
+               "batch": PPO_BATCH, "answer_tokens_max": answer_len, "ppo_epochs": PPO_EPOCHS, "lora_r": b.args.lora_r,
                "peak_mem_mb": max(r["peak_mem_mb"] for r in runs)}
         if impl == "trl":
             rec["trl_trainer"] = runs[0]["trl_trainer"]
@@ -741,7 +747,10 @@ def machine_info(b: Bench) -> dict:
     info = {"section": "machine", "cpu": cpu, "logical_cpus": os.cpu_count(), "torch": torch.__version__,
             "threads": b.threads, "device": str(b.device), "weights_dtype": str(b.dtype).replace("torch.", ""),
             "compute_dtype": str(b.compute_dtype).replace("torch.", ""),
-            "model": str(b.model_path), "repeats": b.args.repeats,
+            "model": str(b.model_path), "repeats": b.args.repeats, "lora_r": b.args.lora_r,
+            # with glibc keeping freed memory RSS never falls, so peak_mem_mb is the process's high-water
+            # mark so far, not the run's: measure memory with CAI_KEEP_FREED_MEMORY=0
+            "allocator_keeps_freed_memory": bool(os.environ.get("MALLOC_TRIM_THRESHOLD_")),
             "warmup": b.args.warmup}
     if hasattr(os, "getloadavg"):
         info["load_avg_1m"] = round(os.getloadavg()[0], 2)
@@ -777,6 +786,8 @@ def parse_args(argv=None):
     p.add_argument("--trl-only", action="store_true", help="run only TRL's side of the comparisons (implies --trl)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="turn gradient checkpointing on in both ours and TRL's trainers (default: off in both)")
+    p.add_argument("--lora-r", type=int, default=0,
+                   help="PPO only: LoRA of this rank on the policy, both sides (TRL through peft_config); 0: off")
     p.add_argument("--small", action="store_true", help="tiny workloads (for tests and quick checks)")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failing sections")
     args = p.parse_args(argv)

@@ -26,6 +26,7 @@ if __name__ == "__main__":  # before torch loads: restart once with glibc keepin
 from src.models import RewardModel, ValueModel, configure_threads, load_causal_lm, resolve_device, seed_everything  # noqa: E402
 from src.safety.constitutional.checkpoint import latest_checkpoint  # noqa: E402
 from src.safety.constitutional.io import atomic_write_json, read_prompts  # noqa: E402
+from src.models.lora import merge_lora  # noqa: E402
 from src.safety.constitutional.ppo_trainer import PPOConfig, PPOTrainer  # noqa: E402
 
 
@@ -58,6 +59,9 @@ def parse_args(argv=None):
                    help="one frozen backbone for reward and reference (reward model trained head-only)")
     p.add_argument("--offload-frozen", action="store_true", help="keep reference and reward model on CPU")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--lora-r", type=int, default=0, help="LoRA rank for the policy (0: full fine-tuning; the "
+                   "reference is then the policy with its adapters off, not a copy)")
+    p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -89,7 +93,7 @@ def main(argv=None) -> int:
                        missing_eos_penalty=args.missing_eos_penalty, max_prompt_tokens=args.max_prompt_tokens,
                        share_reward_and_reference=args.share_reward_reference,
                        offload_frozen_to_cpu=args.offload_frozen, gradient_checkpointing=args.gradient_checkpointing,
-                       seed=args.seed, log_file=str(out / "metrics.jsonl"))
+                       lora_r=args.lora_r, lora_alpha=args.lora_alpha, seed=args.seed, log_file=str(out / "metrics.jsonl"))
     trainer = PPOTrainer(policy, value, reward, tokenizer, device, config=config)
     print(f"PPO: {len(prompts)} prompts, {args.steps} steps x {args.batch_size} answers of <= "
           f"{args.max_new_tokens} tokens on {device}" + (f", resuming from {resume}" if resume else ""), flush=True)
@@ -97,7 +101,7 @@ def main(argv=None) -> int:
     result = trainer.train(prompts, num_steps=args.steps, batch_size=args.batch_size, num_epochs_per_batch=args.epochs,
                            max_length=args.max_new_tokens, temperature=args.temperature,
                            checkpoint_dir=checkpoints, checkpoint_freq=args.checkpoint_freq, resume_from=resume)
-    policy.save_pretrained(out / "model")
+    merge_lora(policy).save_pretrained(out / "model")  # adapters folded in: a plain HF model
     tokenizer.save_pretrained(out / "model")
     history = result["history"]
     head, tail = history[:5], history[-5:]

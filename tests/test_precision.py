@@ -133,3 +133,18 @@ def test_packed_linear_gives_the_bf16_linear_numbers_and_follows_refreshes():
     packed.refresh(source)
     assert torch.equal(packed(x), torch.nn.functional.linear(x.bfloat16(), source.weight.bfloat16(),
                                                              source.bias.bfloat16()))
+
+
+def test_a_lora_policy_decodes_from_a_merged_bf16_twin(tokenizer, bf16):
+    from src.models.lora import add_lora, has_lora
+    model, _ = build_tiny_llama(tokenizer, seed=0)
+    add_lora(model, r=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    twin = sampling_twin(model)
+    assert has_lora(model) and not has_lora(twin)   # adapters folded into the copy, the policy untouched
+    out = generate(model, tokenizer, PROMPTS, GenerationConfig(max_new_tokens=4, do_sample=False, batch_size=4),
+                   return_logprobs=True)
+    assert out.logprobs.shape == out.response_ids.shape and torch.isfinite(out.logprobs).all()

@@ -22,6 +22,8 @@ from typing import Iterator, Optional, Union
 import torch
 from torch import nn
 
+from .lora import has_lora, merge_lora
+
 PRECISIONS = ("auto", "bf16", "fp32")
 _setting: Optional[str] = None
 
@@ -167,9 +169,14 @@ def sampling_twin(model: nn.Module) -> nn.Module:
     quantized = any("quantized" in type(m).__module__ for m in model.modules())  # e.g. an int8 copy
     if dtype is None or param.dtype != torch.float32 or quantized:
         return model
+    pack = dtype == torch.bfloat16 and _can_pack(param.device)
+    if has_lora(model):  # adapters folded into a fresh copy: their weights change at every step
+        module = _Twin(merge_lora(copy.deepcopy(model)), dtype, pack).module
+        module.eval()
+        return module
     twin = _twins.get(model)
     if twin is None:
-        twin = _twins[model] = _Twin(model, dtype, pack=dtype == torch.bfloat16 and _can_pack(param.device))
+        twin = _twins[model] = _Twin(model, dtype, pack)
     module = twin.refresh()
     module.eval()
     return module

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from src.models import RewardModel, ValueModel, load_causal_lm, resolve_device, seed_everything
+from src.models.lora import merge_lora
 from src.models.precision import set_precision
 
 from .checkpoint import latest_checkpoint
@@ -314,7 +315,7 @@ class Pipeline:
                                checkpoint_freq=cfg.rl.checkpoint_freq,
                                resume_from=latest_checkpoint(out / "checkpoints"))
         atomic_write_jsonl(out / "metrics.jsonl", result.get("history", []))
-        policy.save_pretrained(out / "model")
+        merge_lora(policy).save_pretrained(out / "model")  # a plain HF model (a no-op without LoRA)
         tokenizer.save_pretrained(out / "model")
         return {"algorithm": cfg.rl.algorithm, "final_stats": _scalars(result.get("final_stats", {}))}
 

@@ -33,6 +33,7 @@ from torch import nn
 from src.models.heads import (ScalarHeadModel, ValueModel, backbone_of, head_scores, last_token_index,
                              position_ids_from_mask)
 from src.models.attention import attention_for
+from src.models.lora import adapters_disabled, add_lora
 from src.models.precision import autocast
 
 from . import checkpoint as ckpt
@@ -109,6 +110,11 @@ class PPOConfig:
     offload_frozen_to_cpu: bool = False     # keep reference and reward model on CPU
     share_reward_and_reference: bool = False  # one frozen backbone for both (see docs/ppo.md)
     gradient_checkpointing: bool = False
+    lora_r: int = 0                         # LoRA rank on the policy (0: full fine-tuning); the reference is
+                                            # then the policy with its adapters off, not a copy (src/models/lora.py)
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0               # (disable_dropout also turns this off)
+    lora_target_modules: Optional[List[str]] = None  # None: every Linear but the LM head
     disable_dropout: bool = True            # dropout would make old/new log-probs differ at ratio 1
     # bookkeeping
     max_bad_steps: int = 3                  # consecutive steps with a non-finite loss/grad before giving up
@@ -137,6 +143,9 @@ class PPOConfig:
         need(self.mini_batch_size is None or self.mini_batch_size >= 1, "mini_batch_size", "must be >= 1")
         need(self.max_bad_steps >= 1, "max_bad_steps", "must be >= 1")
         need(self.target_kl > 0, "target_kl", "must be > 0")
+        need(self.lora_r >= 0, "lora_r", "must be >= 0 (0: no LoRA)")
+        need(not (self.lora_r and self.ref_update != "none"), "ref_update",
+             "must be 'none' with LoRA (the reference is the policy's frozen base weights)")
         need(not (self.share_reward_and_reference and self.ref_update != "none"), "ref_update",
              "must be 'none' with share_reward_and_reference (the shared backbone is the reward model's)")
 
@@ -242,17 +251,22 @@ class PPOTrainer:
         self.reward_model.requires_grad_(False).eval()
         self._check_reward_vocab()
 
+        if config.lora_r:  # after the value model copied the base backbone
+            add_lora(self.policy, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
+
         # The reference: frozen, eval mode, never in an optimiser. Built once, before any update.
         self._shared_frozen = config.share_reward_and_reference
+        self._ref_lm_head = None
         if self._shared_frozen:
             if ref_model is not None:
                 raise ValueError("give either ref_model or share_reward_and_reference=True, not both")
             self.ref_model = None
             self._ref_lm_head = self._build_shared_reference()
+        elif config.lora_r and ref_model is None:
+            self.ref_model = None  # the policy with its adapters off: `_ref_and_scores`
         else:
             self.ref_model = ref_model if ref_model is not None else copy.deepcopy(policy_model)
             self.ref_model.to(frozen_device).requires_grad_(False).eval()
-            self._ref_lm_head = None
 
         if config.disable_dropout:
             for model in (self.policy, self.value_model):
@@ -343,6 +357,10 @@ class PPOTrainer:
             ref_logprobs = selective_log_softmax(logits / temperature, ids[:, -response_len:])
             token_scores = head_scores(self.reward_model, hidden)
             scores = token_scores.gather(1, last_token_index(mask)[:, None]).squeeze(1)
+        elif self.ref_model is None:  # LoRA: the reference is the policy's base weights
+            with adapters_disabled(self.policy):
+                ref_logprobs = sequence_logprobs(self.policy, input_ids, attention_mask, response_len, temperature)
+            scores = self._score(ids, mask, prompt_texts, texts)
         else:
             ref_logprobs = sequence_logprobs(self.ref_model, ids.to(_device_of(self.ref_model)),
                                              mask.to(_device_of(self.ref_model)), response_len, temperature)
