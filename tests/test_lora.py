@@ -80,3 +80,16 @@ def test_lora_with_a_moving_reference_is_refused(tokenizer):
     import pytest
     with pytest.raises(ValueError, match="LoRA"):
         PPOConfig(lora_r=4, ref_update="copy", ref_update_every=2)
+
+
+def test_grpo_with_lora_uses_the_base_as_reference(tokenizer):
+    from src.safety.constitutional.algorithms import make_rl_trainer
+    policy, _ = build_tiny_llama(tokenizer, seed=0)
+    reward = RewardModel.from_causal_lm(build_tiny_llama(tokenizer, seed=1)[0], device="cpu", head_init_std=0.5)
+    trainer = make_rl_trainer("grpo", policy, tokenizer, reward, "cpu",
+                              config={"learning_rate": 1e-2, "lora_r": 4, "group_size": 2})
+    assert trainer.ref_model is None and has_lora(trainer.policy)
+    torch.manual_seed(0)
+    first = trainer.train_step(PROMPTS[:2], max_length=5, num_epochs_per_batch=1)
+    second = trainer.train_step(PROMPTS[:2], max_length=5, num_epochs_per_batch=1)
+    assert first["kl_divergence"] == 0.0 and second["kl_divergence"] != 0.0
