@@ -53,8 +53,18 @@ def _assert_same_weights(models_a, models_b, label):
 
 # -- SIGKILL mid-run, then resume ------------------------------------------------------------------
 
-def test_sigkill_then_resume_equals_uninterrupted_run(tokenizer, tmp_path, one_thread):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CAI_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+@pytest.fixture(params=["fp32", "bf16"])
+def precision(request):
+    """Both compute precisions: bf16 (the default on CPUs with native bf16) must resume exactly too."""
+    from src.models.precision import set_precision
+    set_precision(request.param)
+    yield request.param
+    set_precision(None)
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(tokenizer, tmp_path, one_thread, precision):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CAI_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "CAI_PRECISION": precision}
     procs = {stage: subprocess.Popen([sys.executable, str(ROOT / "tests" / "reliability_worker.py"), stage,
                                       str(tmp_path / stage / "killed"), "0.3"], cwd=ROOT, env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
