@@ -112,8 +112,13 @@ def _can_pack(device: torch.device) -> bool:
         return False
     if _PACK_OK is None:
         try:
-            probe = nn.Linear(64, 48, bias=False)
-            x = torch.randn(8, 64, dtype=torch.bfloat16)
+            # a private generator: the probe must not move the global RNG (sampling would depend on
+            # whether this ran before, and a resumed run would no longer repeat an uninterrupted one)
+            gen = torch.Generator().manual_seed(0)
+            probe = nn.Linear(64, 48, bias=False, device="meta").to_empty(device="cpu")
+            with torch.no_grad():
+                probe.weight.normal_(generator=gen)
+            x = torch.randn(8, 64, generator=gen).to(torch.bfloat16)
             _PACK_OK = torch.equal(PackedLinear(probe)(x), nn.functional.linear(x, probe.weight.to(torch.bfloat16)))
         except (AttributeError, RuntimeError):  # op missing from this torch build, or no oneDNN bf16
             _PACK_OK = False
