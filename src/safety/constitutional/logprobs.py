@@ -6,8 +6,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from src.models.heads import backbone_of, position_ids_from_mask
 from src.models.attention import attention_for
+from src.models.heads import backbone_of, position_ids_from_mask
 from src.models.precision import autocast
 
 
