@@ -1,4 +1,5 @@
-"""LoRA on the PPO policy: adapters only train, the reference is the base weights, export merges."""
+"""LoRA on the PPO policy and in SFT: adapters only train, the reference is the base weights, export merges."""
+import pytest
 import torch
 
 from src.models import RewardModel, ValueModel, build_tiny_llama, load_causal_lm
@@ -93,3 +94,27 @@ def test_grpo_with_lora_uses_the_base_as_reference(tokenizer):
     first = trainer.train_step(PROMPTS[:2], max_length=5, num_epochs_per_batch=1)
     second = trainer.train_step(PROMPTS[:2], max_length=5, num_epochs_per_batch=1)
     assert first["kl_divergence"] == 0.0 and second["kl_divergence"] != 0.0
+
+
+def test_sft_with_lora_lowers_the_loss_through_the_adapters_alone(tokenizer, tmp_path):
+    from src.safety.constitutional.sft import SFTConfig, SFTTrainer
+    records = [{"prompt": "Name a colour.", "response": "Blue."}, {"prompt": "Say hi", "response": "Hi!"},
+               {"prompt": "What is two plus two?", "response": "Four."}, {"prompt": "Greet me.", "response": "Hello!"}]
+    model, _ = build_tiny_llama(tokenizer, seed=0)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = SFTConfig(output_dir=str(tmp_path / "sft"), num_epochs=3, batch_size=2, learning_rate=1e-2, lora_r=8,
+                    eval_fraction=0.0, warmup_ratio=0.0, show_progress=False, gradient_checkpointing=True)
+    trainer = SFTTrainer(model, tokenizer, cfg)
+    from src.safety.constitutional.sft import tokenize_records
+    examples = tokenize_records(tokenizer, records, cfg.max_seq_len, cfg.system_prompt)
+    loss_before = trainer.evaluate(examples)
+    trainer.train(records, eval_records=[])
+    loss_after = trainer.evaluate(examples)
+    assert loss_after < loss_before
+    for name, p in model.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(p, base[name.replace(".base_layer", "")]), name   # only the adapters moved
+    merged = merge_lora(model)
+    assert not has_lora(merged)
+    assert SFTTrainer(merged, tokenizer, SFTConfig(output_dir=str(tmp_path / "x"))).evaluate(examples) == \
+        pytest.approx(loss_after, rel=1e-4)   # the same loss once the adapters are folded in

@@ -259,7 +259,7 @@ class Pipeline:
                                       log_file=str(out / "metrics.jsonl"))
         trainer = SFTTrainer(model, tokenizer, sft_cfg)
         metrics = trainer.train(records, resume_from=latest_checkpoint(out / "checkpoints"))
-        model.save_pretrained(out / "model")
+        merge_lora(model).save_pretrained(out / "model")  # a plain HF model (a no-op without LoRA)
         tokenizer.save_pretrained(out / "model")
         return {"critique": stats, "train": _scalars(metrics)}
 

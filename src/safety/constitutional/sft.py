@@ -29,6 +29,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from src.models.lora import add_lora
+
 from . import distributed as ddp
 from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
 from .generation import render_prompt
@@ -68,6 +70,8 @@ class SFTConfig:
     max_bad_steps: int = 10           # stop after this many NaN/inf steps
     log_file: Optional[str] = None    # JSONL metrics log (appended)
     gradient_checkpointing: bool = False
+    lora_r: int = 0                   # LoRA rank (0: full fine-tuning); src/models/lora.py, merge_lora to export
+    lora_alpha: float = 16.0
     system_prompt: Optional[str] = None  # passed to render_prompt; must match what generation uses
     show_progress: bool = True
 
@@ -79,6 +83,8 @@ class SFTConfig:
                 raise ValueError(f"SFTConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ValueError(f"SFTConfig.learning_rate must be > 0, got {self.learning_rate}")
+        if self.lora_r < 0:
+            raise ValueError(f"SFTConfig.lora_r must be >= 0 (0: no LoRA), got {self.lora_r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"SFTConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.eval_fraction < 1:
@@ -231,6 +237,8 @@ class SFTTrainer:
         self.device = next(model.parameters()).device
         ddp.init_distributed()  # joins torchrun's process group; a no-op in a plain process
         ddp.broadcast_model(model)  # under torchrun every rank starts from rank 0's weights
+        if self.config.lora_r:  # only the adapters train; `merge_lora(model)` folds them in for export
+            add_lora(model, self.config.lora_r, self.config.lora_alpha)
 
     # -- losses ------------------------------------------------------------------------------------
     def _token_losses(self, batch: Dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -282,8 +290,8 @@ class SFTTrainer:
         total_steps = steps_per_epoch * cfg.num_epochs
         warmup_steps = int(round(cfg.warmup_ratio * total_steps))
 
-        if cfg.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+        if cfg.gradient_checkpointing:  # non-reentrant: works with frozen embeddings (LoRA) too
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             if p.requires_grad:
