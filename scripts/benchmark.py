@@ -55,6 +55,7 @@ import torch  # noqa: E402
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 from src.models import configure_threads, load_causal_lm, load_tokenizer, resolve_device, resolve_model_path  # noqa: E402
+from src.models.checkpointing import enable_gradient_checkpointing  # noqa: E402
 from src.models.heads import RewardModel  # noqa: E402
 from src.models.precision import compute_dtype, set_precision  # noqa: E402
 
@@ -382,7 +383,7 @@ def _our_reward(b: Bench, pairs, batch, max_length):
                       learning_rate=1e-5, max_length=max_length, eval_fraction=0.0, show_progress=False,
                       warmup_ratio=0.0, log_every=10**9)
     if b.args.gradient_checkpointing:  # RewardTrainerConfig has no switch: set it on the model
-        rm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(rm.model)
     trainer = RewardTrainer(rm, b.tokenizer, cfg)
     # checkpoint writes are I/O, not training: left out on both sides (TRL runs with save_strategy="no")
     trainer.save_checkpoint = lambda *a, **k: None

@@ -160,6 +160,7 @@ def test_short_cpu_sequences_use_eager_attention_with_the_same_numbers(tiny_mode
     torch.testing.assert_close(eager[mask.bool()], sdpa[mask.bool()], atol=1e-5, rtol=1e-5)
     with attention_for(tiny_model, torch.zeros(1, EAGER_MAX_TOKENS + 1, dtype=torch.long)) as kernel:
         assert kernel == "sdpa"  # long sequences: (T, T) probabilities would cost too much memory
-    tiny_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from src.models.checkpointing import enable_gradient_checkpointing
+    enable_gradient_checkpointing(tiny_model)
     with attention_for(tiny_model, ids) as kernel:
         assert kernel == "sdpa"  # the recomputation in backward must see the forward's kernel

@@ -33,6 +33,7 @@ from torch import nn
 from src.models.heads import (ScalarHeadModel, ValueModel, backbone_of, head_scores, last_token_index,
                              position_ids_from_mask)
 from src.models.attention import attention_for
+from src.models.checkpointing import enable_gradient_checkpointing
 from src.models.lora import adapters_disabled, add_lora
 from src.models.precision import autocast
 
@@ -273,13 +274,7 @@ class PPOTrainer:
                 disable_dropout(model)
         if config.gradient_checkpointing:
             for model in (self.policy, getattr(self.value_model, "model", self.value_model)):
-                # transformers 5 renamed it; the old name still works but warns
-                if hasattr(model, "activation_checkpointing_enable"):
-                    model.activation_checkpointing_enable({"use_reentrant": False})
-                elif hasattr(model, "gradient_checkpointing_enable"):
-                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                else:
-                    raise TypeError(f"{type(model).__name__} does not support gradient checkpointing")
+                enable_gradient_checkpointing(model)
 
         self.policy_optimizer = adamw(
             [p for p in self.policy.parameters() if p.requires_grad], lr=config.learning_rate,

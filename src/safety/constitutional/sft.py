@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from src.models.checkpointing import enable_gradient_checkpointing
 from src.models.lora import add_lora
 
 from . import distributed as ddp
@@ -290,8 +291,8 @@ class SFTTrainer:
         total_steps = steps_per_epoch * cfg.num_epochs
         warmup_steps = int(round(cfg.warmup_ratio * total_steps))
 
-        if cfg.gradient_checkpointing:  # non-reentrant: works with frozen embeddings (LoRA) too
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             if p.requires_grad:
