@@ -152,3 +152,16 @@ def test_a_lora_policy_decodes_from_a_merged_bf16_twin(tokenizer, bf16):
     out = generate(model, tokenizer, PROMPTS, GenerationConfig(max_new_tokens=4, do_sample=False, batch_size=4),
                    return_logprobs=True)
     assert out.logprobs.shape == out.response_ids.shape and torch.isfinite(out.logprobs).all()
+
+
+def test_shared_frozen_reference_computes_like_a_separate_one_in_bf16(tokenizer, bf16):
+    # the shared path applies the LM head itself: it must use the same precision as `lm_logits`
+    policy, _ = build_tiny_llama(tokenizer, seed=0)
+    reward = RewardModel.from_causal_lm(policy, device="cpu", head_init_std=0.5)  # backbone == policy's
+    shared = PPOTrainer(policy, None, reward, tokenizer, "cpu", config=PPOConfig(share_reward_and_reference=True))
+    separate = PPOTrainer(policy, None, reward, tokenizer, "cpu")
+    torch.manual_seed(0)
+    ro = shared.rollout(PROMPTS, max_new_tokens=5)
+    with torch.no_grad():
+        ref, _ = separate._ref_and_scores(ro.input_ids, ro.attention_mask, ro.mask.shape[1], 1.0, PROMPTS, ro.texts)
+    assert torch.equal(ro.ref_logprobs, ref * ro.mask)  # an fp32 head here differed by up to 8.5e-4

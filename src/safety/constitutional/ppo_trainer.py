@@ -347,8 +347,9 @@ class PPOTrainer:
                 hidden = backbone_of(self.reward_model)(input_ids=ids, attention_mask=mask,
                                                       position_ids=position_ids_from_mask(mask),
                                                       use_cache=False).last_hidden_state
-            logits = nn.functional.linear(hidden[:, -response_len - 1:-1], self._ref_lm_head.weight,
-                                          getattr(self._ref_lm_head, "bias", None)).float()
+                # the head in the same precision as `lm_logits` gives the policy's log-probs
+                logits = nn.functional.linear(hidden[:, -response_len - 1:-1], self._ref_lm_head.weight,
+                                              getattr(self._ref_lm_head, "bias", None)).float()
             ref_logprobs = selective_log_softmax(logits / temperature, ids[:, -response_len:])
             token_scores = head_scores(self.reward_model, hidden)
             scores = token_scores.gather(1, last_token_index(mask)[:, None]).squeeze(1)
