@@ -54,6 +54,7 @@ import torch  # noqa: E402
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
+from src.allocator import freed_memory_kept  # noqa: E402
 from src.models import configure_threads, load_causal_lm, load_tokenizer, resolve_device, resolve_model_path  # noqa: E402
 from src.models.checkpointing import enable_gradient_checkpointing  # noqa: E402
 from src.models.heads import RewardModel  # noqa: E402
@@ -383,7 +384,7 @@ def _our_reward(b: Bench, pairs, batch, max_length):
                       learning_rate=1e-5, max_length=max_length, eval_fraction=0.0, show_progress=False,
                       warmup_ratio=0.0, log_every=10**9)
     if b.args.gradient_checkpointing:  # RewardTrainerConfig has no switch: set it on the model
-        enable_gradient_checkpointing(rm.model)
+        enable_gradient_checkpointing(rm)
     trainer = RewardTrainer(rm, b.tokenizer, cfg)
     # checkpoint writes are I/O, not training: left out on both sides (TRL runs with save_strategy="no")
     trainer.save_checkpoint = lambda *a, **k: None
@@ -751,7 +752,7 @@ def machine_info(b: Bench) -> dict:
             "model": str(b.model_path), "repeats": b.args.repeats, "lora_r": b.args.lora_r,
             # with glibc keeping freed memory RSS never falls, so peak_mem_mb is the process's high-water
             # mark so far, not the run's: measure memory with CAI_KEEP_FREED_MEMORY=0
-            "allocator_keeps_freed_memory": bool(os.environ.get("MALLOC_TRIM_THRESHOLD_")),
+            "allocator_keeps_freed_memory": freed_memory_kept(),
             "warmup": b.args.warmup}
     if hasattr(os, "getloadavg"):
         info["load_avg_1m"] = round(os.getloadavg()[0], 2)

@@ -22,6 +22,11 @@ import sys
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "1000000000000", "MALLOC_TRIM_THRESHOLD_": "1000000000000"}
 
 
+def freed_memory_kept() -> bool:
+    """Did this process start with glibc told to keep freed memory?"""
+    return all(os.environ.get(key) for key in ALLOCATOR_ENV)
+
+
 def keep_freed_memory() -> bool:
     """Re-execute this process with `ALLOCATOR_ENV` unless it is already set (glibc Linux only).
 
@@ -32,7 +37,7 @@ def keep_freed_memory() -> bool:
         return False
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False
-    if all(os.environ.get(key) for key in ALLOCATOR_ENV):
+    if freed_memory_kept():
         return False
     argv = list(getattr(sys, "orig_argv", []))
     if len(argv) < 2:
@@ -43,4 +48,4 @@ def keep_freed_memory() -> bool:
     return True  # not reached
 
 
-__all__ = ["ALLOCATOR_ENV", "keep_freed_memory"]
+__all__ = ["ALLOCATOR_ENV", "freed_memory_kept", "keep_freed_memory"]

@@ -25,11 +25,12 @@ EAGER_MAX_TOKENS = 256
 
 
 @contextlib.contextmanager
-def attention_for(model: nn.Module, input_ids: torch.Tensor) -> Iterator[str]:
-    """Eager attention inside this block if `input_ids` are short and on CPU and `model` uses SDPA."""
+def attention_for(model: nn.Module, tokens: torch.Tensor) -> Iterator[str]:
+    """Eager attention inside this block if `model` uses SDPA and the (batch, seq) `tokens` (ids or
+    attention mask) are short and on CPU."""
     config = getattr(model, "config", None)
     current = getattr(config, "_attn_implementation", None)
-    if current != "sdpa" or input_ids.device.type != "cpu" or input_ids.shape[-1] > EAGER_MAX_TOKENS \
+    if current != "sdpa" or tokens.device.type != "cpu" or tokens.shape[-1] > EAGER_MAX_TOKENS \
             or _checkpointing(model):
         yield current
         return

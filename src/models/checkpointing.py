@@ -8,7 +8,8 @@ from torch import nn
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Turn it on for an HF model (or a ScalarHeadModel's inner one), non-reentrant: that variant also
     works when the embeddings are frozen (LoRA) and with inputs that do not require grad."""
-    model = getattr(model, "model", model) if not hasattr(model, "gradient_checkpointing_enable") else model
+    if not hasattr(model, "gradient_checkpointing_enable"):  # a ScalarHeadModel: its inner HF model
+        model = getattr(model, "model", model)
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name; the old one warns
         model.activation_checkpointing_enable(kwargs)

@@ -15,9 +15,9 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from .attention import attention_for
 from .device import resolve_device, resolve_dtype
 from .loading import resolve_model_path
-from .attention import attention_for
 from .precision import autocast
 
 

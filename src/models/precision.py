@@ -129,10 +129,11 @@ _PACK_OK: Optional[bool] = None
 
 
 class _Twin:
-    """The decoding copy and, per piece, where in the live model it is refreshed from."""
+    """The decoding copy and, per piece, where in the live model it is refreshed from.
+    `own=True`: `model` is already a private copy, converted in place (never refreshed)."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype, pack: bool):
-        self.module = copy.deepcopy(model).requires_grad_(False)
+    def __init__(self, model: nn.Module, dtype: torch.dtype, pack: bool, own: bool = False):
+        self.module = (model if own else copy.deepcopy(model)).requires_grad_(False)
         sources = dict(model.named_modules())
         self.packed = []
         if pack:
@@ -176,7 +177,7 @@ def sampling_twin(model: nn.Module) -> nn.Module:
         return model
     pack = dtype == torch.bfloat16 and _can_pack(param.device)
     if has_lora(model):  # adapters folded into a fresh copy: their weights change at every step
-        module = _Twin(merge_lora(copy.deepcopy(model)), dtype, pack).module
+        module = _Twin(merge_lora(copy.deepcopy(model)), dtype, pack, own=True).module
         module.eval()
         return module
     twin = _twins.get(model)

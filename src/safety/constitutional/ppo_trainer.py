@@ -30,10 +30,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from src.models.heads import (ScalarHeadModel, ValueModel, backbone_of, head_scores, last_token_index,
-                             position_ids_from_mask)
 from src.models.attention import attention_for
 from src.models.checkpointing import enable_gradient_checkpointing
+from src.models.heads import (ScalarHeadModel, ValueModel, backbone_of, head_scores, last_token_index,
+                             position_ids_from_mask)
 from src.models.lora import adapters_disabled, add_lora
 from src.models.precision import autocast
 
@@ -273,7 +273,7 @@ class PPOTrainer:
             for model in (self.policy, self.value_model):
                 disable_dropout(model)
         if config.gradient_checkpointing:
-            for model in (self.policy, getattr(self.value_model, "model", self.value_model)):
+            for model in (self.policy, self.value_model):
                 enable_gradient_checkpointing(model)
 
         self.policy_optimizer = adamw(

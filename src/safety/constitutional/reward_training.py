@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from src.models.attention import attention_for
 from src.models.heads import (RewardModel, backbone_of, head_scores, last_token_index, position_ids_from_mask,
                              score_head)
-from src.models.attention import attention_for
 from src.models.precision import autocast
 
 from . import distributed as ddp
