@@ -1,125 +1,87 @@
 #!/usr/bin/env python
-"""Pairwise accuracy of each evaluator and of their combinations against human hh-rlhf labels.
+"""Judge report: how well does an evaluator, or a combination, agree with human labels on your file?
 
-    python scripts/measure_evaluators.py [--split heldout] [--judge-model default] [--limit N]
-                                         [--reward-model DIR]
+    # preference pairs (hh-rlhf transcripts or {prompt, chosen, rejected}): pairwise accuracy
+    python scripts/measure_evaluators.py --pairs ../shared/data/hh-rlhf-harmless/pairs.jsonl.gz \\
+        --split heldout --evaluators rules,classifier,rules+classifier
+    # labelled answers (CSV or JSONL with prompt, completion, label): 3-class refusal agreement,
+    # with the XSTest string match always shown as the baseline
+    python scripts/measure_evaluators.py --answers completions.csv --label-column final_label --evaluators rules
+    # answers labelled harmful true/false: single-answer harm judges
+    python scripts/measure_evaluators.py --answers judged.jsonl --task harm --label-column harmful
 
-Every evaluator compares each (chosen, rejected) pair once; the combinations are then formed by
-the framework's own weighting (ConstitutionalFramework.compare_batch) from those stored results,
-so the figures are exactly what the framework would give. The judge is asked about the general
-`harmless` principle only (a 135M model on CPU is too slow for ten questions per pair); so is a
-reward model given with --reward-model (the constitution lists it for `harmless` only).
-Prints a Markdown table (paste it into docs/evaluators.md) and writes JSON with --output.
+Evaluators are looked up by name in src/safety/constitutional/judge_report.py's registry
+(`register_evaluator`); "a+b" measures the framework's weighted combination of framework evaluators
+(rules, classifier, judge, reward_model), reusing each one's results, so combinations cost nothing
+extra. Prints a Markdown table and confusion matrices; --output DIR also writes report.json (every
+metric and per-item probabilities), report.md and reliability_<evaluator>.png. The old --tables
+cache is gone: report.json keeps each evaluator's per-item probabilities instead. See
+docs/evaluators.md, "Judge report".
 """
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from src.safety.constitutional.evaluators.base import Evaluator  # noqa: E402
-from src.safety.constitutional.framework import ConstitutionalFramework  # noqa: E402
-from src.safety.constitutional.hh_rlhf import load_pairs  # noqa: E402
-from src.safety.constitutional.io import atomic_write_json  # noqa: E402
-
-DEFAULT_PAIRS = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz"
+from src.safety.constitutional.judge_report import (  # noqa: E402
+    EvaluatorOptions, available_evaluators, load_answer_set, load_pair_set, render_markdown, run_report,
+    write_report)
 
 
-class Replay(Evaluator):
-    """Gives back comparisons computed earlier, so combinations cost nothing to re-weight."""
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pairs", type=Path, help="preference pairs, JSONL(.gz): chosen/rejected")
+    source.add_argument("--answers", type=Path, help="labelled answers, CSV or JSONL(.gz)")
+    p.add_argument("--task", choices=["refusal", "harm"], default="refusal",
+                   help="with --answers: 3-class refusal labels, or a binary harmful label")
+    p.add_argument("--split", default=None,
+                   help="pairs: train | heldout | all (the fixed hh-rlhf split; default all); answers: keep rows "
+                        "whose `split` column equals this (e.g. test; default all rows)")
+    p.add_argument("--prompt-column", default="prompt")
+    p.add_argument("--completion-column", default="completion")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--limit", type=int, default=None, help="the first N items only")
+    p.add_argument("--evaluators", default="rules,classifier",
+                   help=f"comma-separated names ({', '.join(available_evaluators())}) or a+b combinations")
+    p.add_argument("--judge-model", default="default", help="chat model for the judge evaluator")
+    p.add_argument("--reward-model", default=None, help="trained reward-model directory (reward_model evaluator)")
+    p.add_argument("--pair-kind", choices=["harmful", "benign", "detect"], default="harmful",
+                   help="pairs: the prompts' kind for the framework (hh-rlhf harmless talks are red-team attempts)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bins", type=int, default=10, help="equal-width bins for ECE and the reliability diagram")
+    p.add_argument("--output", type=Path, default=None, help="folder for report.json, report.md, PNGs")
+    args = p.parse_args(argv)
+    args.evaluators = [e.strip() for e in args.evaluators.split(",") if e.strip()]
+    if args.pairs is not None and args.split not in (None, "all", "train", "heldout"):
+        p.error(f"--split with --pairs must be train, heldout or all, not {args.split!r}")
+    return args
 
-    def __init__(self, name, weight, table):
-        self.name, self.weight, self.table = name, weight, table
 
-    def compare_batch(self, prompts, responses_a, responses_b, principles, kinds=None):
-        return [[self.table[(i, p.name)] for p in principles] for i in prompts]
-
-
-def accuracy(probs):
-    return sum(1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0 for p in probs) / len(probs)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=Path, default=DEFAULT_PAIRS)
-    parser.add_argument("--split", default="heldout", choices=["train", "heldout"])
-    parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--judge-model", default="default", help="'' to skip the judge")
-    parser.add_argument("--reward-model", default=None, help="a trained reward-model directory to measure too")
-    parser.add_argument("--output", type=Path, default=None)
-    parser.add_argument("--tables", type=Path, default=None,
-                        help="JSON file keeping each evaluator's comparisons; a rerun reuses those it holds")
-    args = parser.parse_args(argv)
-
-    pairs = load_pairs(args.pairs, split=args.split, limit=args.limit)
-    judge_model = judge_tok = None
-    if args.judge_model:
-        from src.models import load_causal_lm
-        judge_model, judge_tok = load_causal_lm(args.judge_model, device="cpu")
-    full = ConstitutionalFramework(judge_model=judge_model, judge_tokenizer=judge_tok, classifier="default",
-                                   reward_model=args.reward_model)
-    principles = full.principles
-    prompts = [p.prompt for p in pairs]
-    chosen, rejected = [p.chosen for p in pairs], [p.rejected for p in pairs]
-    kinds = ["harmful"] * len(pairs)  # every hh-rlhf harmless conversation is a red-team attempt
-
-    tables, timings = {}, {}
-    saved = json.loads(args.tables.read_text()) if args.tables and args.tables.is_file() else {}
-    for name, evaluator in full.evaluators.items():
-        # Every principle, so any combination can fall back on it; the judge only `harmless` (cost).
-        covered = [full.constitution.get("harmless")] if name == "judge" else principles
-        key = f"{name}:{args.split}:{len(pairs)}:{args.reward_model if name == 'reward_model' else ''}"
-        if key in saved:
-            tables[name] = {(int(i), p): v for i, p, v in saved[key]["rows"]}
-            timings[name] = saved[key]["seconds"]
-            print(f"{name}: reused from {args.tables}", file=sys.stderr)
-            continue
-        start = time.time()
-        rows = []
-        for s in range(0, len(pairs), 32):
-            rows += evaluator.compare_batch(prompts[s:s + 32], chosen[s:s + 32], rejected[s:s + 32], covered,
-                                            kinds[s:s + 32])
-        timings[name] = time.time() - start
-        tables[name] = {(i, p.name): row[j] for i, row in enumerate(rows) for j, p in enumerate(covered)}
-        print(f"{name}: {timings[name]:.0f}s", file=sys.stderr)
-        if args.tables:  # keep what was computed: the judge takes the better part of an hour on CPU
-            saved[key] = {"seconds": timings[name], "rows": [[i, p, v] for (i, p), v in tables[name].items()]}
-            atomic_write_json(args.tables, saved)
-
-    def measure(names, principle=None):
-        evaluators = {n: Replay(n, full.evaluators[n].weight, tables[n]) for n in names}
-        framework = ConstitutionalFramework(full.constitution, evaluators=evaluators)
-        if "rules" not in names:
-            framework.evaluators.pop("rules")
-        ids = list(range(len(pairs)))
-        comparisons = framework.compare_batch(ids, ids, ids, principle=principle, kinds=kinds)
-        return accuracy([c.prob_a_better for c in comparisons])
-
-    rows = []
-    combos = [["rules"], ["classifier"], ["rules", "classifier"]]
-    everywhere = combos + ([["classifier", "reward_model"], ["rules", "classifier", "reward_model"]]
-                           if "reward_model" in tables else [])  # it still judges `harmless` only
-    for combo in everywhere:
-        rows.append(("all principles", " + ".join(combo), measure(combo)))
-    harmless_combos = list(combos)
-    for extra in ("judge", "reward_model"):
-        if extra in tables:
-            harmless_combos += [[extra], ["rules", extra], ["classifier", extra], ["rules", "classifier", extra]]
-    if "judge" in tables and "reward_model" in tables:
-        harmless_combos.append(["rules", "classifier", "judge", "reward_model"])
-    for combo in harmless_combos:
-        rows.append(("`harmless` only", " + ".join(combo), measure(combo, "harmless")))
-    weights = ", ".join(f"{n} {e.weight:g}" for n, e in full.evaluators.items())
-    print(f"\n{len(pairs)} hh-rlhf pairs, split={args.split}; evaluator weights: {weights}\n")
-    print("| principles compared | evaluators | pairwise accuracy |\n|---|---|---|")
-    for scope, combo, acc in rows:
-        print(f"| {scope} | {combo} | {acc:.3f} |")
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.pairs is not None:
+        data = load_pair_set(args.pairs, split=args.split, limit=args.limit)
+    else:
+        data = load_answer_set(args.answers, task=args.task, prompt_column=args.prompt_column,
+                               completion_column=args.completion_column, label_column=args.label_column,
+                               split=args.split, limit=args.limit)
+    options = EvaluatorOptions(judge_model=args.judge_model, reward_model=args.reward_model,
+                               pair_kind=None if args.pair_kind == "detect" else args.pair_kind, device=args.device)
+    report = run_report(data, args.evaluators, options, n_resamples=args.resamples, seed=args.seed,
+                        n_bins=args.bins, log=lambda line: print(line, file=sys.stderr))
     if args.output:
-        atomic_write_json(args.output, {"n": len(pairs), "split": args.split, "timings_s": timings,
-                                        "rows": [{"scope": s, "evaluators": c, "accuracy": a} for s, c, a in rows]})
+        for path in write_report(report, args.output):
+            print(f"wrote {path}", file=sys.stderr)
+    print(render_markdown(report))
+    return report
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
