@@ -5,6 +5,7 @@ Examples:
   python scripts/train_constitutional.py --preset smoke        # tiny model, seconds
   python scripts/train_constitutional.py --model path/to/hf_model --output-dir runs/mine --set rl.steps=40
   python scripts/train_constitutional.py --stages evaluate     # only (re)evaluate an existing run
+  python scripts/train_constitutional.py --preset full --judge-model path/to/7b-instruct   # a strong judge (GPU)
 
 Rerunning the same command skips finished stages and resumes an interrupted one from its last checkpoint.
 """
@@ -36,6 +37,11 @@ def build_parser(describe_all: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--config", help="a YAML file whose options override the preset")
     parser.add_argument("--model", help="'default' (SmolLM2-135M-Instruct) or a local Hugging Face model folder")
     parser.add_argument("--constitution", help="constitution YAML (default: data/constitution.yaml)")
+    parser.add_argument("--judge-model", help="a local chat model folder as the model judge for every stage, instead of "
+                             "the base model (adds 'judge' to the evaluators; e.g. a 7B instruct model on a GPU); "
+                             "its prompts and weight: the constitution's judge: block")
+    parser.add_argument("--guard-model", help="a local sequence-classification folder (guard classifier or reward "
+                             "model) judging the principles that list 'guard'; labels: the constitution's guard: block")
     parser.add_argument("--output-dir", help="run folder (rerun with the same folder to resume)")
     parser.add_argument("--stages", help="comma-separated subset of: sft,reward,rl,evaluate")
     parser.add_argument("--rl-algorithm", help="stage-3 algorithm: ppo (default), grpo, rloo, reinforce, or dpo (DPO on stage 2's "
@@ -62,6 +68,7 @@ def main(argv=None) -> int:
 
     overrides = list(args.overrides)
     for flag, key in (("model", "model"), ("constitution", "constitution"), ("output_dir", "output_dir"),
+                      ("judge_model", "judge_model"), ("guard_model", "guard_model"),
                       ("rl_algorithm", "rl.algorithm"), ("device", "device"), ("dtype", "dtype"),
                       ("precision", "precision"),
                       ("seed", "seed")):

@@ -18,6 +18,14 @@ question for the model judge and optional regexes for the rule evaluator.
         patterns: [...]                # optional; regexes naming the topic (rule evaluator)
     few_shot:
       - {prompt: ..., response: ..., principle: harm_weapons, critique: ..., revision: ...}
+    judge:                             # optional: the chat-model judge's prompts and answer words
+      score_template: ...              #   placeholders {conversation} {response} {question}
+      compare_template: ...            #   placeholders {conversation} {first} {second} {description}
+      yes_words: [Yes], no_words: [No], a_words: [A], b_words: [B], weight: 1.0
+    guard:                             # optional: which labels of a guard classifier mean safe/unsafe
+      safe_labels: [safe]              #   names from the model's config.id2label
+      unsafe_labels: [unsafe]          #   either list, or both (then renormalised over the two)
+      weight: 2.0
 
 A malformed file raises `ConstitutionError` naming the file, the principle and the field.
 """
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import random
 import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Union
@@ -36,9 +45,14 @@ DEFAULT_CONSTITUTION_PATH = REPO_ROOT / "data" / "constitution.yaml"
 
 CATEGORIES = ("harm", "honesty", "privacy", "fairness", "helpfulness")
 APPLIES_TO = ("all", "harmful", "benign")
-EVALUATORS = ("rules", "judge", "classifier", "reward_model")
+EVALUATORS = ("rules", "judge", "classifier", "reward_model", "guard")
 _REQUIRED_TEXT = ("name", "description", "critique_request", "revision_request")
 _FEW_SHOT_FIELDS = ("prompt", "response", "principle", "critique", "revision")
+# The placeholders each judge template must contain (and the only ones it may contain).
+JUDGE_TEMPLATE_FIELDS = {"score_template": ("conversation", "response", "question"),
+                         "compare_template": ("conversation", "first", "second", "description")}
+_JUDGE_WORD_FIELDS = ("yes_words", "no_words", "a_words", "b_words")
+_GUARD_LABEL_FIELDS = ("safe_labels", "unsafe_labels")
 
 
 class ConstitutionError(ValueError):
@@ -85,11 +99,91 @@ class Principle:
         return cached
 
 
+def template_problem(template, name: str) -> Optional[str]:
+    """Why a judge template (`name` = score_template | compare_template) cannot be used, or None."""
+    required = JUDGE_TEMPLATE_FIELDS[name]
+    if not isinstance(template, str) or not template.strip():
+        return f"must be a non-empty string, got {template!r}"
+    try:
+        found = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as err:
+        return f"is not a valid format string ({err}); write literal braces as {{{{ and }}}}"
+    missing = [f"{{{f}}}" for f in required if f not in found]
+    unknown = sorted(f"{{{f}}}" for f in found - set(required))
+    if missing:
+        return f"is missing placeholder(s) {', '.join(missing)} (it needs {', '.join('{' + f + '}' for f in required)})"
+    if unknown:
+        return (f"has unknown placeholder(s) {', '.join(unknown)} (allowed: "
+                f"{', '.join('{' + f + '}' for f in required)}; write literal braces as {{{{ and }}}})")
+    return None
+
+
+def _word_list(value, source, block: str, key: str) -> List[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ConstitutionError(source, f"must be a non-empty list of strings, got {value!r}", field=f"{block}.{key}")
+    return [v if key in _JUDGE_WORD_FIELDS else v.strip() for v in value]
+
+
+def _weight(value, source, block: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConstitutionError(source, f"must be a positive number, got {value!r}", field=f"{block}.weight")
+    return float(value)
+
+
+def _parse_judge(raw, source) -> dict:
+    """The `judge:` block as JudgeEvaluator keyword arguments."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConstitutionError(source, f"must be a mapping, got {type(raw).__name__}", field="judge")
+    allowed = (*JUDGE_TEMPLATE_FIELDS, *_JUDGE_WORD_FIELDS, "weight")
+    out = {}
+    for key, value in raw.items():
+        if key not in allowed:
+            raise ConstitutionError(source, f"unknown field (allowed: {', '.join(allowed)})", field=f"judge.{key}")
+        if key in JUDGE_TEMPLATE_FIELDS:
+            problem = template_problem(value, key)
+            if problem:
+                raise ConstitutionError(source, problem, field=f"judge.{key}")
+            out[key] = value.strip()
+        elif key == "weight":
+            out[key] = _weight(value, source, "judge")
+        else:
+            out[key] = _word_list(value, source, "judge", key)
+    return out
+
+
+def _parse_guard(raw, source) -> dict:
+    """The `guard:` block as SequenceClassifierEvaluator keyword arguments."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConstitutionError(source, f"must be a mapping, got {type(raw).__name__}", field="guard")
+    allowed = (*_GUARD_LABEL_FIELDS, "weight")
+    out = {}
+    for key, value in raw.items():
+        if key not in allowed:
+            raise ConstitutionError(source, f"unknown field (allowed: {', '.join(allowed)})", field=f"guard.{key}")
+        out[key] = _weight(value, source, "guard") if key == "weight" else _word_list(value, source, "guard", key)
+    if not any(key in out for key in _GUARD_LABEL_FIELDS):
+        raise ConstitutionError(source, "give safe_labels or unsafe_labels (label names from the model's "
+                                "config.id2label)", field="guard.safe_labels")
+    both = set(out.get("safe_labels", [])) & set(out.get("unsafe_labels", []))
+    if both:
+        raise ConstitutionError(source, f"label(s) {sorted(both)} are listed as both safe and unsafe",
+                                field="guard.unsafe_labels")
+    return out
+
+
 @dataclass
 class Constitution:
     principles: List[Principle]
     few_shot: List[dict] = field(default_factory=list)
     source: Optional[str] = None
+    judge: dict = field(default_factory=dict)   # JudgeEvaluator options from the `judge:` block
+    guard: dict = field(default_factory=dict)   # SequenceClassifierEvaluator options from `guard:`
 
     def get(self, name: str) -> Principle:
         for principle in self.principles:
@@ -172,7 +266,7 @@ def parse_constitution(data, source=None) -> Constitution:
     """Build a Constitution from already-parsed YAML/JSON data (a mapping)."""
     if not isinstance(data, dict):
         raise ConstitutionError(source, "the top level must be a mapping with a 'principles' list")
-    unknown = set(data) - {"principles", "few_shot", "version", "name", "description"}
+    unknown = set(data) - {"principles", "few_shot", "version", "name", "description", "judge", "guard"}
     if unknown:
         raise ConstitutionError(source, f"unknown top-level key(s) {sorted(unknown)}", field=sorted(unknown)[0])
     raw_principles = data.get("principles")
@@ -196,7 +290,8 @@ def parse_constitution(data, source=None) -> Constitution:
                 raise ConstitutionError(source, "missing or empty (required string)", label, key)
         if example["principle"] not in seen:
             raise ConstitutionError(source, f"names unknown principle {example['principle']!r}", label, "principle")
-    return Constitution(principles, [dict(ex) for ex in few_shot], str(source) if source else None)
+    return Constitution(principles, [dict(ex) for ex in few_shot], str(source) if source else None,
+                        judge=_parse_judge(data.get("judge"), source), guard=_parse_guard(data.get("guard"), source))
 
 
 def load_constitution(path: Union[str, Path, None] = None) -> Constitution:

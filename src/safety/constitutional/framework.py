@@ -13,6 +13,7 @@ of the aggregate and of comparisons.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -49,11 +50,16 @@ class Comparison:
 
 class ConstitutionalFramework:
     def __init__(self, constitution: Optional[Constitution] = None, evaluators: Optional[dict] = None,
-                 judge_model=None, judge_tokenizer=None, classifier=None, reward_model=None):
-        """`evaluators` maps a name ("rules", "classifier", "judge", "reward_model") to an Evaluator,
-        replacing the built-in one. `judge_model`/`judge_tokenizer` build the model judge; `classifier`
-        is a classifier Evaluator, or "default" for the shipped weights; `reward_model` is a trained
-        reward-model directory (or a RewardModelEvaluator), used on the principles that list it."""
+                 judge_model=None, judge_tokenizer=None, classifier=None, reward_model=None,
+                 guard_model=None, device=None):
+        """`evaluators` maps a name ("rules", "classifier", "judge", "reward_model", "guard") to an
+        Evaluator, replacing the built-in one. `judge_model` is a loaded chat model (with
+        `judge_tokenizer`), a local model folder or "default" (loaded with `load_judge` on `device`),
+        or a JudgeEvaluator; the constitution's `judge:` block sets its templates and words.
+        `classifier` is a classifier Evaluator, or "default" for the shipped weights; `reward_model` is
+        a trained reward-model directory (or a RewardModelEvaluator), used on the principles that list
+        it; `guard_model` is a local sequence-classification folder (or a SequenceClassifierEvaluator),
+        its labels mapped by the constitution's `guard:` block, used on the principles that list "guard"."""
         self.constitution = constitution if constitution is not None else load_constitution()
         self.evaluators: Dict[str, Evaluator] = {"rules": RuleEvaluator()}
         if classifier is not None:
@@ -62,15 +68,24 @@ class ConstitutionalFramework:
                 classifier = ClassifierEvaluator.load(None if classifier == "default" else classifier)
             self.evaluators["classifier"] = classifier
         if judge_model is not None:
-            if judge_tokenizer is None:
-                raise ValueError("judge_model needs judge_tokenizer as well")
-            from .evaluators.judge import JudgeEvaluator
-            self.evaluators["judge"] = JudgeEvaluator(judge_model, judge_tokenizer)
+            from .evaluators.judge import JudgeEvaluator, load_judge
+            if not isinstance(judge_model, JudgeEvaluator):
+                if isinstance(judge_model, (str, os.PathLike)):
+                    judge_model, judge_tokenizer = load_judge(judge_model, device=device)
+                elif judge_tokenizer is None:
+                    raise ValueError("judge_model needs judge_tokenizer as well")
+                judge_model = JudgeEvaluator(judge_model, judge_tokenizer, **self.constitution.judge)
+            self.evaluators["judge"] = judge_model
         if reward_model is not None:
             from .evaluators.reward_model import RewardModelEvaluator
             if not isinstance(reward_model, RewardModelEvaluator):
                 reward_model = RewardModelEvaluator.load(reward_model)
             self.evaluators["reward_model"] = reward_model
+        if guard_model is not None:
+            if not isinstance(guard_model, Evaluator):
+                from .evaluators.sequence_classifier import SequenceClassifierEvaluator
+                guard_model = SequenceClassifierEvaluator.load(guard_model, device=device, **self.constitution.guard)
+            self.evaluators["guard"] = guard_model
         self.evaluators.update(evaluators or {})
 
     # -- helpers ------------------------------------------------------------------------------

@@ -133,6 +133,8 @@ class PipelineConfig:
     stages: List[str] = field(default_factory=lambda: list(STAGES))  # subset of sft, reward, rl, evaluate
     reuse_stages_from: Optional[str] = None  # a run folder whose finished stages stand in for the stages this run does not list (read only)
     evaluators: List[str] = field(default_factory=lambda: ["rules", "classifier"])  # rules, classifier, judge (the base model asked yes/no): who scores and labels answers
+    judge_model: Optional[str] = None   # a local chat model folder for the judge instead of the base model (implies 'judge'; e.g. a 7B instruct model on a GPU)
+    guard_model: Optional[str] = None   # a local sequence-classification folder (guard classifier or reward model) judging the principles that list 'guard'; labels mapped by the constitution's guard: block
     data: DataConfig = field(default_factory=DataConfig)
     critique: CritiqueRevisionConfig = field(default_factory=CritiqueRevisionConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -202,11 +204,15 @@ class Pipeline:
         # One framework scores revisions (stage 1), labels preference pairs (stage 2) and judges
         # the evaluation, so every stage is guided by the same reading of the constitution.
         if self._framework is None:
-            names = self.config.evaluators
-            judge, judge_tok = self.model_for(None) if "judge" in names else (None, None)
+            cfg, names = self.config, self.config.evaluators
+            if cfg.judge_model:  # a separate, frozen judge model (bf16 on CUDA; see load_judge)
+                judge, judge_tok = cfg.judge_model, None
+            else:
+                judge, judge_tok = self.model_for(None) if "judge" in names else (None, None)
             self._framework = ConstitutionalFramework(
                 self.constitution, classifier="default" if "classifier" in names else None,
-                judge_model=judge, judge_tokenizer=judge_tok)
+                judge_model=judge, judge_tokenizer=judge_tok, guard_model=cfg.guard_model or None,
+                device=self.device)
         return self._framework
 
     def prompts(self, which: str, n: int, seed_offset: int = 0) -> List[str]:

@@ -7,8 +7,14 @@ both orders and average, which cancels the model's preference for a position:
 
     p(a > b) = (P(A | a shown first) + P(B | a shown second)) / 2,   so p(a > b) + p(b > a) = 1.
 
+The judge prompt is sent as a user message through the model's chat template with the generation
+prompt appended (`generation.render_prompt`, as every prompt in the toolkit), so the next token is
+the assistant's first word; a tokenizer without a template gets "User: ...\nAssistant:". The
+templates and the answer words can be replaced (constructor arguments, or the constitution's
+`judge:` block), e.g. to use a guard model that answers "safe"/"unsafe".
+
 A 135M model is a weak judge (see docs/evaluators.md for its measured accuracy); give it a small
-weight next to the classifier, or use a bigger chat model through `judge_model`.
+weight next to the classifier, or use a bigger chat model through `judge_model` (`load_judge`).
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from ..constitution import template_problem
 from ..generation import GenerationConfig, tokenize_prompts
 from ..logprobs import lm_logits
 from .base import Evaluator, PrincipleScore, make_score
@@ -43,15 +50,51 @@ def format_conversation(prompt, limit: int = 1200) -> str:
     return _clip(text, limit, keep_end=True)
 
 
-def _token_ids(tokenizer, words: Sequence[str]) -> List[int]:
+YES_WORDS, NO_WORDS = ("Yes", "yes", "YES"), ("No", "no", "NO")
+A_WORDS, B_WORDS = ("A", "(A"), ("B", "(B")
+
+
+def _single_token_spellings(tokenizer, word: str) -> List[int]:
+    """Ids of `word` as one token, with and without a leading space. Each spelling is encoded alone
+    and after a newline (the difference of the two encodings): SentencePiece tokenizers add a
+    space to a text's first word, so only the second way finds their no-space token."""
+    newline = tokenizer.encode("\n", add_special_tokens=False)
     ids = []
-    for word in words:
-        encoded = tokenizer.encode(word, add_special_tokens=False)
-        if len(encoded) == 1 and encoded[0] not in ids:
-            ids.append(encoded[0])
-    if not ids:
-        raise ValueError(f"none of {list(words)} is a single token for this tokenizer")
+    for spelling in (word, " " + word.lstrip()):
+        alone = tokenizer.encode(spelling, add_special_tokens=False)
+        after = tokenizer.encode("\n" + spelling, add_special_tokens=False)
+        tail = after[len(newline):] if after[:len(newline)] == newline else []
+        for encoded in (alone, tail):
+            if len(encoded) == 1 and encoded[0] not in ids:
+                ids.append(encoded[0])
     return ids
+
+
+def answer_token_ids(tokenizer, words: Sequence[str], what: str = "answer") -> List[int]:
+    """The token ids the judge reads for one answer: every single-token spelling of `words`, with
+    and without a leading space. Raises if none of the words is a single token."""
+    ids: List[int] = []
+    for word in words:
+        ids += [i for i in _single_token_spellings(tokenizer, word) if i not in ids]
+    if not ids:
+        raise ValueError(f"judge: none of the {what} words {list(words)} is a single token for this tokenizer "
+                         f"({type(tokenizer).__name__}), with or without a leading space; pass words that are "
+                         f"(yes_words/no_words/a_words/b_words, or the constitution's judge: block)")
+    return ids
+
+
+def load_judge(path_or_name="default", device=None, dtype=None):
+    """(model, tokenizer) of a local chat model for the judge, in eval mode with gradients off.
+    Weights default to bf16 on CUDA (the judge only reads log-probs; a 7B model then takes ~15 GB)
+    and fp32 on CPU. `path_or_name`: "default", "tiny" or a local Hugging Face model folder."""
+    from src.models import load_causal_lm, resolve_device
+
+    device = resolve_device(device)
+    if dtype is None and device.type == "cuda":
+        dtype = torch.bfloat16
+    model, tokenizer = load_causal_lm(path_or_name, device=device, dtype=dtype)
+    model.eval().requires_grad_(False)
+    return model, tokenizer
 
 
 class JudgeEvaluator(Evaluator):
@@ -59,16 +102,33 @@ class JudgeEvaluator(Evaluator):
     weight = 0.25  # measured near chance for SmolLM2-135M (docs/evaluators.md)
 
     def __init__(self, model, tokenizer, batch_size: int = 8, max_response_chars: int = 800,
-                 weight: Optional[float] = None):
+                 weight: Optional[float] = None, score_template: Optional[str] = None,
+                 compare_template: Optional[str] = None, yes_words: Optional[Sequence[str]] = None,
+                 no_words: Optional[Sequence[str]] = None, a_words: Optional[Sequence[str]] = None,
+                 b_words: Optional[Sequence[str]] = None):
+        """`score_template` needs {conversation} {response} {question}; `compare_template` needs
+        {conversation} {first} {second} {description}. The words are what the model answers with:
+        P(yes) = P(any yes word) / (P(any yes word) + P(any no word)), likewise A/B."""
         self.model, self.tokenizer = model, tokenizer
         self.batch_size = batch_size
         self.max_response_chars = max_response_chars
         if weight is not None:
             self.weight = weight
-        self.yes_ids = _token_ids(tokenizer, ["Yes", " Yes", "yes", " yes", "YES"])
-        self.no_ids = _token_ids(tokenizer, ["No", " No", "no", " no", "NO"])
-        self.a_ids = _token_ids(tokenizer, ["A", " A", "(A"])
-        self.b_ids = _token_ids(tokenizer, ["B", " B", "(B"])
+        self.score_template = score_template or SCORE_TEMPLATE
+        self.compare_template = compare_template or COMPARE_TEMPLATE
+        for name, template in (("score_template", self.score_template), ("compare_template", self.compare_template)):
+            problem = template_problem(template, name)
+            if problem:
+                raise ValueError(f"judge {name} {problem}")
+        self.yes_ids = answer_token_ids(tokenizer, yes_words or YES_WORDS, "yes")
+        self.no_ids = answer_token_ids(tokenizer, no_words or NO_WORDS, "no")
+        self.a_ids = answer_token_ids(tokenizer, a_words or A_WORDS, "A")
+        self.b_ids = answer_token_ids(tokenizer, b_words or B_WORDS, "B")
+        for first, second, ids_1, ids_2 in (("yes", "no", self.yes_ids, self.no_ids), ("A", "B", self.a_ids, self.b_ids)):
+            shared = set(ids_1) & set(ids_2)
+            if shared:
+                raise ValueError(f"judge: the {first} and {second} words share token(s) "
+                                 f"{[tokenizer.decode([i]) for i in sorted(shared)]}; choose words that differ in their first token")
         self._config = GenerationConfig(max_prompt_tokens=4096, do_sample=False, batch_size=batch_size)
 
     @torch.inference_mode()
@@ -95,7 +155,7 @@ class JudgeEvaluator(Evaluator):
         return torch.sigmoid(first - second).tolist()
 
     def score_batch(self, prompts, responses, principles, kinds=None) -> List[List[PrincipleScore]]:
-        texts = [SCORE_TEMPLATE.format(conversation=format_conversation(p),
+        texts = [self.score_template.format(conversation=format_conversation(p),
                                        response=_clip(r, self.max_response_chars), question=pr.question)
                  for p, r in zip(prompts, responses) for pr in principles]
         probs = self._two_way(texts, self.yes_ids, self.no_ids)
@@ -105,7 +165,7 @@ class JudgeEvaluator(Evaluator):
 
     def compare_batch(self, prompts, responses_a, responses_b, principles, kinds=None) -> List[List[float]]:
         def text(p, first, second, pr):
-            return COMPARE_TEMPLATE.format(conversation=format_conversation(p),
+            return self.compare_template.format(conversation=format_conversation(p),
                                            first=_clip(first, self.max_response_chars),
                                            second=_clip(second, self.max_response_chars),
                                            description=pr.description)
