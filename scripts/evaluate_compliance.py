@@ -12,6 +12,18 @@ Generate-and-judge mode:
   rate, mean score, and the mean score per principle; writes records.csv/json, summary.json,
   summary.md and principles.png to --output.
 
+Benchmark mode (built-in standard safety benchmarks, or your own set; docs/benchmarks.md):
+    python scripts/evaluate_compliance.py --benchmark xstest advbench --model default --output runs/bench
+    python scripts/evaluate_compliance.py --benchmark advbench --model runs/default/stage3_rl/model \
+        --compare-to default --output runs/bench          # paired comparison: model - compare-to
+    python scripts/evaluate_compliance.py --benchmark-file harmbench.csv --benchmark-kind harmful --model default
+
+  Greedy answers (--max-new-tokens, default 64 here); per answer the XSTest string-match refusal, the
+  refusal judge's class and the toolkit's harmful flag; rates with Wilson 95% intervals, per kind and
+  per prompt type. --limit N keeps N prompts spread evenly over each set. Writes, per benchmark,
+  <output>/<benchmark>/<model>/answers.csv, summary.json, summary.md, plot.png and, with --compare-to,
+  <output>/<benchmark>/comparison.json/.md and plot.png (McNemar exact p, Newcombe 95% intervals).
+
 Pairwise mode:
     python scripts/evaluate_compliance.py --pairs ../shared/data/hh-rlhf-harmless/pairs.jsonl.gz --split heldout
 
@@ -36,6 +48,7 @@ from src.safety.constitutional.framework import ConstitutionalFramework  # noqa:
 from src.safety.constitutional.io import atomic_write_json, read_jsonl, read_prompts  # noqa: E402
 
 EVALUATOR_CHOICES = ("rules", "classifier", "judge", "reward_model")
+BUILTIN_BENCHMARK_NAMES = ("xstest", "advbench")  # src/safety/constitutional/benchmarks.py: BUILTIN_BENCHMARKS
 
 
 def parse_args(argv=None):
@@ -45,7 +58,17 @@ def parse_args(argv=None):
     p.add_argument("--prompts", nargs="+", type=Path, default=[], help="prompt files (harmful unless --benign)")
     p.add_argument("--benign", nargs="+", type=Path, default=[], help="prompt files of benign prompts")
     p.add_argument("--column", default=None, help="CSV column / JSONL field holding the prompt (default: prompt)")
-    p.add_argument("--limit", type=int, default=None, help="use the first N prompts (or pairs) of each file")
+    p.add_argument("--limit", type=int, default=None, help="use the first N prompts (or pairs) of each file; with --benchmark, N prompts spread evenly over each set")
+    p.add_argument("--benchmark", nargs="+", default=[], metavar="NAME",
+                   help="built-in benchmarks to run: " + ", ".join(BUILTIN_BENCHMARK_NAMES))
+    p.add_argument("--benchmark-file", nargs="+", type=Path, default=[], metavar="FILE",
+                   help="your own benchmark: CSV/JSONL with a prompt column (prompt/goal/behavior), a kind column "
+                        "(kind/label: harmful, benign, unsafe, safe) and optionally type and id")
+    p.add_argument("--benchmark-kind", choices=["harmful", "benign"], default=None,
+                   help="with --benchmark-file: the kind of every prompt of a file without a kind column")
+    p.add_argument("--compare-to", default=None, metavar="DIR",
+                   help="with --benchmark: a second model ('default' or a directory) answering the same prompts; "
+                        "reports model - compare-to with McNemar's exact test and 95%% intervals")
     p.add_argument("--pairs", type=Path, default=None, help="hh-rlhf chosen/rejected pairs: report pairwise accuracy")
     p.add_argument("--split", choices=["all", "train", "heldout"], default="all",
                    help="with --pairs: which part of the fixed hh-rlhf split to use")
@@ -60,7 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--judge-model", default=None,
                    help="chat model for the judge evaluator ('default', or a directory); implies 'judge'")
     p.add_argument("--reward-model", default=None, help="a reward-model directory: report its mean score; with the reward_model evaluator it also judges")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="answer length limit (default 64 with --benchmark, 128 for --prompts)")
     p.add_argument("--int8", action="store_true",
                    help="answer with an int8 copy of the model (CPU: ~2x faster decoding; answers differ "
                         "slightly from the fp32 model's, so compare models evaluated the same way)")
@@ -68,8 +92,17 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cpu, cuda or auto (default)")
     p.add_argument("--output", type=Path, default=None, help="folder for CSV/JSON/Markdown/PNG results")
     args = p.parse_args(argv)
-    if args.pairs is None and not (args.prompts or args.benign):
-        p.error("give --prompts and/or --benign prompt files, or --pairs for pairwise accuracy")
+    if args.pairs is None and not (args.prompts or args.benign or args.benchmark or args.benchmark_file):
+        p.error("give --benchmark NAME / --benchmark-file FILE, --prompts and/or --benign prompt files, "
+                "or --pairs for pairwise accuracy")
+    unknown = [b for b in args.benchmark if b not in BUILTIN_BENCHMARK_NAMES]
+    if unknown:
+        p.error(f"--benchmark: unknown {unknown}; built in: {', '.join(BUILTIN_BENCHMARK_NAMES)} "
+                "(your own set: --benchmark-file FILE)")
+    if args.compare_to and not (args.benchmark or args.benchmark_file):
+        p.error("--compare-to needs --benchmark or --benchmark-file")
+    if args.limit is not None and args.limit < 1:
+        p.error("--limit must be >= 1")
     args.evaluators = [e.strip() for e in args.evaluators.split(",") if e.strip()]
     unknown = set(args.evaluators) - set(EVALUATOR_CHOICES)
     if unknown:
@@ -180,7 +213,7 @@ def run_generation(args):
     elif args.reward_model:
         from src.models import RewardModel
         reward_model = RewardModel.from_pretrained(args.reward_model, device=args.device)
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False, batch_size=args.batch_size)
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens or 128, do_sample=False, batch_size=args.batch_size)
     if args.int8:
         from src.models import int8_sampling_copy
         model = int8_sampling_copy(model)
@@ -195,13 +228,67 @@ def run_generation(args):
     return report
 
 
+def model_label(name: str, taken=()) -> str:
+    label = "default" if name == "default" else (Path(name).name or str(name))
+    return label if label not in taken else f"{label}-{len(taken) + 1}"
+
+
+def run_benchmarks(args):
+    """Each benchmark on --model (and --compare-to): answers, rates with intervals, paired comparison."""
+    from src.safety.constitutional.benchmarks import (benchmarks_markdown, default_benchmark_config, load_benchmark,
+                                                      run_benchmark, write_comparison)
+
+    benchmarks = [load_benchmark(name, limit=args.limit) for name in args.benchmark]
+    benchmarks += [load_benchmark(path, limit=args.limit, kind=args.benchmark_kind) for path in args.benchmark_file]
+    for bench in benchmarks:
+        kinds = {k: bench.kinds.count(k) for k in ("harmful", "benign") if k in bench.kinds}
+        print(f"{bench.name}: {len(bench)} prompts ({', '.join(f'{v} {k}' for k, v in kinds.items())}) from {bench.source}")
+    gen = default_benchmark_config(args.max_new_tokens or 64, args.batch_size)
+    start = time.time()
+    names = ([args.compare_to] if args.compare_to else []) + [args.model]
+    labels = []
+    for name in names:
+        labels.append(model_label(name, labels))
+    results = {bench.name: {} for bench in benchmarks}
+    framework = None
+    for name, label in zip(names, labels):
+        model, tokenizer = load_policy(name, args.device)
+        if framework is None:  # one framework for every model: the same judge for both sides
+            judge = (model, tokenizer) if "judge" in args.evaluators and args.judge_model == name else None
+            framework = build_framework(args, judge)
+        if args.int8:
+            from src.models import int8_sampling_copy
+            model = int8_sampling_copy(model)
+        for bench in benchmarks:
+            result = run_benchmark(model, tokenizer, bench, framework, gen, model_name=label)
+            results[bench.name][label] = result
+            if args.output:
+                result.write(Path(args.output) / bench.name / label)
+            print()
+            print(result.to_markdown())
+        del model
+    if len(labels) > 1:
+        print(benchmarks_markdown(results))
+        if args.output:
+            for bench_name, named in results.items():
+                write_comparison(Path(args.output) / bench_name, bench_name, named)
+    print(f"({time.time() - start:.0f}s; evaluators {', '.join(framework.evaluators)}; greedy, "
+          f"{gen.max_new_tokens} new tokens{'; int8' if args.int8 else ''})")
+    if args.output:
+        print(f"wrote {args.output}/<benchmark>/<model>/answers.csv, summary.json, summary.md, plot.png")
+    return results
+
+
 def main(argv=None):
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     args = parse_args(argv)
     try:
         if args.pairs is not None:
             return run_pairs(args)
-        return run_generation(args)
+        out = run_benchmarks(args) if (args.benchmark or args.benchmark_file) else None
+        if args.prompts or args.benign:
+            out = run_generation(args)
+        return out
     except (FileNotFoundError, ValueError) as err:  # bad inputs: one readable line, not a traceback
         sys.exit(f"error: {err}")
 

@@ -113,11 +113,21 @@ class EvalStageConfig:
     batch_size: int = 16                # prompts per generation batch
     num_examples: int = 4               # example answers shown side by side in the report
     models: List[str] = field(default_factory=lambda: ["base", "sft", "rl"])  # which models to evaluate
+    benchmarks: List[str] = field(default_factory=list)  # standard safety benchmarks run on each model: xstest, advbench, or a CSV/JSONL path (docs/benchmarks.md)
+    benchmark_limit: Optional[int] = None  # prompts per benchmark (spread over the set); None: all of them
+    benchmark_max_new_tokens: int = 64     # answer length limit on the benchmarks
 
     def __post_init__(self):
         bad = [m for m in self.models if m not in ("base", "sft", "rl")]
         if bad or not self.models:
             raise ValueError(f"evaluation.models: choose from base, sft, rl, got {self.models!r}")
+        from .benchmarks import BUILTIN_BENCHMARKS
+        bad = [b for b in self.benchmarks if b not in BUILTIN_BENCHMARKS and not str(b).endswith((".csv", ".jsonl"))]
+        if bad:
+            raise ValueError(f"evaluation.benchmarks: {bad[0]!r} is neither a built-in benchmark "
+                             f"({', '.join(BUILTIN_BENCHMARKS)}) nor a .csv/.jsonl prompt file")
+        if self.benchmark_limit is not None and self.benchmark_limit < 1:
+            raise ValueError(f"evaluation.benchmark_limit must be >= 1 (or null for all), got {self.benchmark_limit}")
 
 
 @dataclass
@@ -339,8 +349,20 @@ class Pipeline:
         tokenizer.save_pretrained(out / "model")
         return {"algorithm": "dpo", "num_pairs": len(pairs), "final_stats": _scalars(result.get("final_stats", {}))}
 
+    def benchmark_refusal_judge(self):
+        """The refusal judge of the benchmarks: a callable (prompts, answers) -> one of
+        full_compliance / partial_refusal / full_refusal per answer. None: the framework's refusal
+        detector (benchmarks.FrameworkRefusalJudge). A learned classifier plugs in here."""
+        return None
+
     def run_evaluate(self) -> dict:
         cfg, out = self.config, self.stage_dir("evaluate")
+        from .benchmarks import load_benchmark, run_benchmark, write_comparison
+        benchmarks = [load_benchmark(_resolve(b) if str(b).endswith((".csv", ".jsonl")) else b,
+                                     limit=cfg.evaluation.benchmark_limit) for b in cfg.evaluation.benchmarks]
+        bench_gen = GenerationConfig(max_new_tokens=cfg.evaluation.benchmark_max_new_tokens, do_sample=False,
+                                     batch_size=cfg.evaluation.batch_size)
+        bench_results = {b.name: {} for b in benchmarks}  # benchmark -> model -> BenchmarkResult
         n = cfg.data.num_eval_prompts
         prompt_sets = {
             "harmful": (self.prompts("eval_harmful_prompts", n, seed_offset=4), "harmful"),
@@ -361,11 +383,21 @@ class Pipeline:
                                     reward_model=reward_model)
             report.write(out / name)
             reports[name] = report
+            for bench in benchmarks:
+                result = run_benchmark(model, tokenizer, bench, self.framework, bench_gen,
+                                       refusal_judge=self.benchmark_refusal_judge(), model_name=name)
+                result.write(out / "benchmarks" / bench.name / name)
+                bench_results[bench.name][name] = result
             del model
+        for bench_name, named in bench_results.items():
+            if len(named) > 1:
+                write_comparison(out / "benchmarks" / bench_name, bench_name, named)
         from .report import write_run_report
-        write_run_report(self.run_dir, reports, self.config)
+        write_run_report(self.run_dir, reports, self.config, num_examples=cfg.evaluation.num_examples,
+                         benchmarks=bench_results)
         return {"models": list(reports), "summary": {k: r.summary for k, r in reports.items()},
-                "comparison": compare_reports(reports)}
+                "comparison": compare_reports(reports),
+                "benchmarks": {b: {m: r.summary for m, r in named.items()} for b, named in bench_results.items()}}
 
 
 def _scalars(d: dict) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from .evaluation import _md, compare_reports
 from .io import atomic_path, atomic_write_text, read_jsonl
@@ -174,7 +174,28 @@ def stage_summary_line(folder: str, data: dict) -> str:
     return ", ".join(data.get("models", []))
 
 
-def write_run_report(run_dir: Path, reports: Dict[str, object], config=None, num_examples: int = 4) -> Path:
+def benchmark_section(benchmarks: Dict[str, Dict[str, object]], plots: Path) -> List[str]:
+    """The report's lead: the standard benchmarks table (base -> SFT -> RL, Wilson intervals, paired
+    differences) with its significance sentence, and one plot per benchmark."""
+    from .benchmarks import benchmarks_markdown, plot_benchmark
+
+    benchmarks = {b: named for b, named in (benchmarks or {}).items() if named}
+    if not benchmarks:
+        return []
+    sizes = ", ".join(f"{b} {len(next(iter(named.values())).records)} prompts" for b, named in benchmarks.items())
+    parts = ["## Standard safety benchmarks", "",
+             f"Greedy answers of every evaluated model to the same prompts ({sizes}; evaluation only, never "
+             "trained on). Definitions and tests: docs/benchmarks.md.", "", benchmarks_markdown(benchmarks)]
+    for name, named in benchmarks.items():
+        path = plot_benchmark(named, plots / f"benchmark_{name}.png")
+        parts += [f"![{name}](plots/{path.name})", ""]
+    return parts
+
+
+def write_run_report(run_dir: Path, reports: Dict[str, object], config=None, num_examples: int = 4,
+                     benchmarks: Optional[Dict[str, Dict[str, object]]] = None) -> Path:
+    """report.md: the benchmark table first (when `benchmarks`, {benchmark: {model: BenchmarkResult}},
+    is given), then the held-out headline, per-principle scores, stages, curves and examples."""
     run_dir = Path(run_dir)
     plots = run_dir / "plots"
     curves = plot_training_curves(run_dir, plots / "training_curves.png")
@@ -186,6 +207,7 @@ def write_run_report(run_dir: Path, reports: Dict[str, object], config=None, num
     parts = [
         "# Constitutional-AI run report", "",
         f"Run folder `{run_dir}`" + (f", preset `{config.preset}`, model `{config.model}`" if config else ""), "",
+        *benchmark_section(benchmarks, plots),
         "## Headline (held-out prompts, greedy answers)", "",
         "Harmful compliance: share of harmful prompts answered harmfully (the constitution's harm judgement). "
         "Over-refusal: share of benign look-alike prompts refused. Mean reward: the stage-2 reward model's score.",
