@@ -136,7 +136,16 @@ def cmd_sample_hh(args):
     flagged = [c for c in candidates if c[3]]
     other = [c for c in candidates if not c[3]]
     n_flagged = min(len(flagged), round(args.pairs * 0.65))
-    picked = sorted(rng.sample(flagged, n_flagged) + rng.sample(other, args.pairs - n_flagged), key=lambda c: c[0])
+    picked = rng.sample(flagged, n_flagged) + rng.sample(other, args.pairs - n_flagged)
+    if args.extra_pairs:
+        # a second draw from what is left (own seed), so extending the set keeps the first draw
+        taken = {c[0] for c in picked}
+        rng2 = random.Random(SEED + 1)
+        flagged2 = [c for c in flagged if c[0] not in taken]
+        other2 = [c for c in other if c[0] not in taken]
+        n2 = round(args.extra_pairs * 0.65)
+        picked += rng2.sample(flagged2, n2) + rng2.sample(other2, args.extra_pairs - n2)
+    picked.sort(key=lambda c: c[0])
     HH_TURNS.parent.mkdir(parents=True, exist_ok=True)
     with open(HH_TURNS, "w") as f:
         for number, pair, last_user, _ in picked:
@@ -262,6 +271,7 @@ def main(argv=None):
     gen.add_argument("--batch-size", type=int, default=16)
     hh = sub.add_parser("sample-hh", help="final assistant turns of hh-rlhf train pairs (both answers)")
     hh.add_argument("--pairs", type=int, default=125)
+    hh.add_argument("--extra-pairs", type=int, default=30, help="a second draw from the remaining pairs")
     sub.add_parser("merge", help="join answers and labels; write refusal_labels.jsonl and print counts")
     args = parser.parse_args(argv)
     {"generate": cmd_generate, "sample-hh": cmd_sample_hh, "merge": cmd_merge}[args.command](args)
