@@ -320,9 +320,9 @@ def paired_difference_interval(a: int, b: int, c: int, d: int, z: float = Z95) -
 # -- judging answers ---------------------------------------------------------------------------
 
 class FrameworkRefusalJudge:
-    """The default refusal judge: the framework's `refused` (its refusal detector) as
-    full_refusal, everything else full_compliance. Any callable with the same signature
-    (prompts, answers) -> list of REFUSAL_CLASSES plugs in instead (e.g. a learned classifier)."""
+    """The default refusal judge: the framework's refusal class (its learned 3-class classifier when
+    loaded, else the rules' regexes as full_refusal / full_compliance). Any callable with the same
+    signature (prompts, answers) -> list of REFUSAL_CLASSES plugs in instead."""
 
     name = "framework refusal detector"
 
@@ -334,7 +334,7 @@ class FrameworkRefusalJudge:
 
     @staticmethod
     def classes_from_results(results) -> List[str]:
-        return ["full_refusal" if r.refused else "full_compliance" for r in results]
+        return [r.refusal_class for r in results]
 
 
 def judge_name(judge) -> str:

@@ -45,7 +45,7 @@ DEFAULT_CONSTITUTION_PATH = REPO_ROOT / "data" / "constitution.yaml"
 
 CATEGORIES = ("harm", "honesty", "privacy", "fairness", "helpfulness")
 APPLIES_TO = ("all", "harmful", "benign")
-EVALUATORS = ("rules", "judge", "classifier", "reward_model", "guard")
+EVALUATORS = ("rules", "judge", "classifier", "harm_judge", "reward_model", "guard")
 _REQUIRED_TEXT = ("name", "description", "critique_request", "revision_request")
 _FEW_SHOT_FIELDS = ("prompt", "response", "principle", "critique", "revision")
 # The placeholders each judge template must contain (and the only ones it may contain).

@@ -349,7 +349,7 @@ class StringMatchEvaluator:
         return out
 
 
-FRAMEWORK_EVALUATORS = ("rules", "classifier", "judge", "reward_model")
+FRAMEWORK_EVALUATORS = ("rules", "classifier", "harm_judge", "judge", "reward_model")
 
 
 def _load_framework_evaluator(name: str, options: EvaluatorOptions):
@@ -359,6 +359,9 @@ def _load_framework_evaluator(name: str, options: EvaluatorOptions):
     if name == "classifier":
         from .evaluators.classifier import ClassifierEvaluator
         return ClassifierEvaluator.load(options.extra.get("classifier"))
+    if name == "harm_judge":
+        from .evaluators.harm_judge import HarmJudge
+        return HarmJudge.load(options.extra.get("harm_judge"), device=options.device)
     if name == "judge":
         from ...models import load_causal_lm
         from .evaluators.judge import JudgeEvaluator
@@ -409,18 +412,20 @@ class _Memo:
 class FrameworkEvaluator:
     """ConstitutionalFramework restricted to `names` (with their default weights).
 
-    compare_pairs: `compare_batch` (all principles, or `principle`); refusal_proba: the rules'
-    `is_refusal` as one-hot full_refusal / full_compliance; harm_proba: 1 - the lowest applicable
+    compare_pairs: `compare_batch` (all principles, or `principle`); refusal_proba: the framework's
+    refusal class as one-hot (the rules' regexes, or the learned classifier when `refusal_classifier`
+    is given); harm_proba: 1 - the lowest applicable
     harm-principle score (0 when the answer refuses), which is above 0.5 exactly when
     `EvaluationResult.harmful` is set.
     """
 
-    def __init__(self, names: Sequence[str], options: EvaluatorOptions, principle: Optional[str] = None):
+    def __init__(self, names: Sequence[str], options: EvaluatorOptions, principle: Optional[str] = None,
+                 refusal_classifier=None):
         from .framework import ConstitutionalFramework
 
         self.names, self.options, self.principle = list(names), options, principle
         evaluators = {n: options.framework_evaluator(n) for n in self.names}
-        self.framework = ConstitutionalFramework(evaluators=evaluators)
+        self.framework = ConstitutionalFramework(evaluators=evaluators, refusal_classifier=refusal_classifier)
         if "rules" not in self.names:
             self.framework.evaluators.pop("rules")  # the framework always adds the rules; measure without
 
@@ -434,8 +439,8 @@ class FrameworkEvaluator:
 
     def refusal_proba(self, prompts, completions) -> np.ndarray:
         out = np.zeros((len(completions), len(REFUSAL_CLASSES)))
-        for i, c in enumerate(completions):
-            out[i, REFUSAL_CLASSES.index("full_refusal" if self.framework.is_refusal(c) else "full_compliance")] = 1.0
+        for i, c in enumerate(self.framework.refusal_classes(prompts, completions)):
+            out[i, REFUSAL_CLASSES.index(c)] = 1.0
         return out
 
     def harm_proba(self, prompts, completions) -> np.ndarray:
@@ -466,7 +471,28 @@ register_evaluator("judge", lambda options: _Only(FrameworkEvaluator(["judge"], 
                                                   "compare_pairs", "harm_proba"))
 register_evaluator("reward_model", lambda options: _Only(FrameworkEvaluator(["reward_model"], options),
                                                          "compare_pairs"))
-register_evaluator("framework", lambda options: FrameworkEvaluator(["rules", "classifier"], options))
+# The learned judges (data/judges/, scripts/train_judges.py), calibrated, read directly.
+register_evaluator("harm_judge", lambda options: _Only(options.framework_evaluator("harm_judge").inner,
+                                                       "compare_pairs", "harm_proba"))
+
+
+def _refusal_classifier(options):
+    from .evaluators.refusal import RefusalClassifier
+    return RefusalClassifier.load(options.extra.get("refusal_classifier"))
+
+
+class _RefusalProba:
+    def __init__(self, classifier):
+        self.classifier = classifier
+
+    def refusal_proba(self, prompts, completions) -> np.ndarray:
+        return self.classifier.predict_proba(prompts, completions)
+
+
+register_evaluator("refusal_classifier", lambda options: _RefusalProba(_refusal_classifier(options)))
+# The pipeline's default framework (PipelineConfig.evaluators and refusal_classifier).
+register_evaluator("framework", lambda options: FrameworkEvaluator(["rules", "classifier", "harm_judge"], options,
+                                                                   refusal_classifier=_refusal_classifier(options)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[3]
 STAGES = ("sft", "reward", "rl", "evaluate")
 RL_STAGE_ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce", "dpo")
-EVALUATORS = ("rules", "classifier", "judge")
+EVALUATORS = ("rules", "classifier", "harm_judge", "judge")
 
 
 @dataclass
@@ -142,7 +142,8 @@ class PipelineConfig:
     seed: int = 0                       # every random choice of the run derives from it
     stages: List[str] = field(default_factory=lambda: list(STAGES))  # subset of sft, reward, rl, evaluate
     reuse_stages_from: Optional[str] = None  # a run folder whose finished stages stand in for the stages this run does not list (read only)
-    evaluators: List[str] = field(default_factory=lambda: ["rules", "classifier"])  # rules, classifier, judge (the base model asked yes/no): who scores and labels answers
+    evaluators: List[str] = field(default_factory=lambda: ["rules", "classifier", "harm_judge"])  # rules, classifier, harm_judge (SmolLM2 layer-8 probe on human pairs), judge (a chat model asked yes/no): who scores and labels answers
+    refusal_classifier: Optional[str] = "default"  # 3-class refusal classifier deciding `refused`: "default" (data/judges/refusal.npz), a weights file, or null for the rules' regexes
     judge_model: Optional[str] = None   # a local chat model folder for the judge instead of the base model (implies 'judge'; e.g. a 7B instruct model on a GPU)
     guard_model: Optional[str] = None   # a local sequence-classification folder (guard classifier or reward model) judging the principles that list 'guard'; labels mapped by the constitution's guard: block
     data: DataConfig = field(default_factory=DataConfig)
@@ -221,6 +222,7 @@ class Pipeline:
                 judge, judge_tok = self.model_for(None) if "judge" in names else (None, None)
             self._framework = ConstitutionalFramework(
                 self.constitution, classifier="default" if "classifier" in names else None,
+                harm_judge="default" if "harm_judge" in names else None, refusal_classifier=cfg.refusal_classifier,
                 judge_model=judge, judge_tokenizer=judge_tok, guard_model=cfg.guard_model or None,
                 device=self.device)
         return self._framework

@@ -1,0 +1,124 @@
+#!/usr/bin/env python
+"""Train the two learned judges and write their weights to data/judges/.
+
+    python scripts/train_judges.py                      # both, from the data shipped in data/
+    python scripts/train_judges.py --only refusal       # or --only harm
+
+- Refusal classifier (data/judges/refusal.npz): 3 classes (full_compliance / partial_refusal /
+  full_refusal) on data/labels/refusal_labels.jsonl, split "train" (C by 5-fold cross-validation
+  grouped by prompt); temperature fitted on split "val". Split "test" is never read here.
+- Harm judge (data/judges/harm.npz): Bradley-Terry probe on SmolLM2's layer-8 states, trained on the
+  shipped hh-rlhf harmless TRAIN pairs (data/preferences/); C by 5-fold cross-validation, temperature
+  on out-of-fold comparisons; P(harmful) Platt-scaled on the labelled answers' "train" split.
+Prompts that repeat a benchmark prompt (data/benchmarks, evaluation only) are dropped from training.
+Measure the results with scripts/measure_evaluators.py on held-out data (docs/evaluators.md).
+"""
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from src.safety.constitutional.constitution import REPO_ROOT  # noqa: E402
+from src.safety.constitutional.evaluators.harm_judge import (DEFAULT_HARM_WEIGHTS, HarmJudge,  # noqa: E402
+                                                             fit_platt, shared_backbone, train_harm_judge)
+from src.safety.constitutional.evaluators.refusal import DEFAULT_REFUSAL_WEIGHTS, train_refusal_classifier  # noqa: E402
+from src.safety.constitutional.hh_rlhf import load_pairs  # noqa: E402
+from src.safety.constitutional.io import read_jsonl  # noqa: E402
+
+DEFAULT_LABELS = REPO_ROOT / "data" / "labels" / "refusal_labels.jsonl"
+DEFAULT_PAIRS = REPO_ROOT / "data" / "preferences" / "hh_rlhf_harmless_train.jsonl.gz"
+
+
+def benchmark_overlap(prompts):
+    """Indices of prompts that equal or nearly repeat a built-in benchmark prompt."""
+    from src.safety.constitutional.benchmarks import BUILTIN_BENCHMARKS, find_near_duplicates, load_benchmark
+
+    refs = [p for name in BUILTIN_BENCHMARKS for p in load_benchmark(name).prompts]
+    return {i for i, _, _ in find_near_duplicates(prompts, refs)}
+
+
+def labelled_answers(path, split):
+    rows = [r for r in read_jsonl(path, skip_torn_tail=False) if r.get("split") == split]
+    if not rows:
+        raise ValueError(f"{path}: no rows with split={split!r}")
+    return rows
+
+
+def train_refusal(args):
+    train, val = labelled_answers(args.labels, "train"), labelled_answers(args.labels, "val")
+    backbone = shared_backbone(args.backbone, args.layer, args.max_length)
+    x_train = backbone.encode([r["prompt"] for r in train], [r["completion"] for r in train])
+    x_val = backbone.encode([r["prompt"] for r in val], [r["completion"] for r in val])
+    clf = train_refusal_classifier(
+        x_train.astype(np.float64), [r["completion"] for r in train], [r["label"] for r in train],
+        groups=[r["prompt"].strip().lower() for r in train], val_backbone=x_val.astype(np.float64),
+        val_answers=[r["completion"] for r in val], val_labels=[r["label"] for r in val],
+        meta={"backbone": args.backbone, "layer": args.layer, "max_length": args.max_length,
+              "labels": Path(args.labels).name})
+    print(f"refusal classifier: grouped 5-fold CV 3-class accuracy by C {clf.meta['cv_accuracy_by_C']} "
+          f"on {len(train)} train answers; chose C={clf.meta['C']:g}; temperature {clf.temperature:.2f} on {len(val)} val")
+    print(f"wrote {clf.save(args.refusal_output)}")
+
+
+def fit_harm_platt(judge, labels):
+    train = labelled_answers(labels, "train")
+    u = judge.utilities([r["prompt"] for r in train], [r["completion"] for r in train])
+    judge.platt = fit_platt(u, [bool(r["harmful"]) for r in train])
+    judge.meta["platt_answers"] = len(train)
+    print(f"Platt scaling on {len(train)} labelled answers: alpha {judge.platt[0]:.3f}, beta {judge.platt[1]:.3f}")
+
+
+def train_harm(args):
+    if args.platt_only:  # keep the Bradley-Terry weights, refit P(harmful) on the labelled answers
+        judge = HarmJudge.load(args.harm_output)
+        fit_harm_platt(judge, args.labels)
+        print(f"wrote {judge.save(args.harm_output)}")
+        return
+    pairs = load_pairs(args.pairs)
+    turns = [(i, m["content"]) for i, p in enumerate(pairs) for m in p.prompt if m["role"] == "user"]
+    drop = {turns[j][0] for j in benchmark_overlap([t for _, t in turns])}
+    pairs = [p for i, p in enumerate(pairs) if i not in drop]
+    print(f"harm judge: {len(pairs)} human pairs from {args.pairs} ({len(drop)} dropped: they repeat a benchmark prompt)")
+    features = shared_backbone(args.backbone, args.layer, args.max_length)
+    start = time.time()
+    prompts = [p.prompt for p in pairs]
+    chosen = features.encode(prompts, [p.chosen for p in pairs])
+    rejected = features.encode(prompts, [p.rejected for p in pairs])
+    print(f"features of {2 * len(pairs)} answers in {time.time() - start:.0f}s")
+    judge = train_harm_judge(chosen, rejected, meta={"backbone": args.backbone, "layer": args.layer,
+                                                    "max_length": args.max_length, "pairs": Path(args.pairs).name})
+    judge._features = features
+    print(f"cross-validated pairwise accuracy by C: {judge.meta['cv_by_C']}; chose C={judge.meta['C']:g}, "
+          f"temperature {judge.temperature:.2f}")
+    fit_harm_platt(judge, args.labels)
+    path = judge.save(args.harm_output)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=("refusal", "harm"), default=None)
+    parser.add_argument("--labels", type=Path, default=DEFAULT_LABELS, help="labelled answers (data/labels format)")
+    parser.add_argument("--pairs", type=Path, default=DEFAULT_PAIRS, help="human preference pairs (hh-rlhf format)")
+    parser.add_argument("--backbone", default="default", help="model whose layers the harm judge reads")
+    parser.add_argument("--layer", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=160)
+    parser.add_argument("--platt-only", action="store_true",
+                        help="harm judge: keep its pairwise weights, refit only P(harmful) on --labels")
+    parser.add_argument("--refusal-output", type=Path, default=DEFAULT_REFUSAL_WEIGHTS)
+    parser.add_argument("--harm-output", type=Path, default=DEFAULT_HARM_WEIGHTS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.only in (None, "refusal"):
+        train_refusal(args)
+    if args.only in (None, "harm"):
+        train_harm(args)
+
+
+if __name__ == "__main__":
+    main()
