@@ -50,20 +50,21 @@ def make_config(algorithm: str, config: Union[None, Mapping, PPOConfig] = None):
 
 def make_rl_trainer(algorithm: str, policy: nn.Module, tokenizer, reward_model: nn.Module, device=None,
                     config: Union[None, Mapping, PPOConfig] = None, value_model: Optional[nn.Module] = None,
-                    ref_model: Optional[nn.Module] = None, reward_tokenizer=None) -> PPOTrainer:
+                    ref_model: Optional[nn.Module] = None, reward_tokenizer=None, judge_reward=None) -> PPOTrainer:
     """A trainer for "ppo" | "grpo" | "rloo" | "reinforce" with a shared `train(...)` signature.
 
     `value_model` is used by PPO only (None: PPO builds one on a copy of the policy's backbone);
-    the critic-free algorithms reject one.
+    the critic-free algorithms reject one. `judge_reward`: the optional judge hook (see PPOTrainer),
+    scaled by the config's `judge_reward_weight`.
     """
     cfg = make_config(algorithm, config)
     if algorithm == "ppo":
         return PPOTrainer(policy, value_model, reward_model, tokenizer, device, config=cfg, ref_model=ref_model,
-                          reward_tokenizer=reward_tokenizer)
+                          reward_tokenizer=reward_tokenizer, judge_reward=judge_reward)
     if value_model is not None:
         raise ValueError(f"{algorithm} uses no value model: pass value_model=None")
     return PolicyGradientTrainer(policy, reward_model, tokenizer, device, config=cfg, ref_model=ref_model,
-                                 reward_tokenizer=reward_tokenizer)
+                                 reward_tokenizer=reward_tokenizer, judge_reward=judge_reward)
 
 
 __all__ = ["RL_ALGORITHMS", "CONFIG_FOR", "make_config", "make_rl_trainer"]

@@ -36,6 +36,7 @@ from .framework import ConstitutionalFramework
 from .generation import GenerationConfig
 from .hh_rlhf import load_pairs
 from .io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl, read_prompts
+from .judge_reward import RuleBasedReward
 from .algorithms import make_rl_trainer
 from .dpo import DPOConfig, DPOTrainer
 from .policy_gradient import GRPOConfig, REINFORCEConfig, RLOOConfig
@@ -92,6 +93,7 @@ class RLStageConfig:
     max_new_tokens: int = 48            # answer length limit during rollouts
     temperature: float = 1.0            # sampling temperature (log-probs use the same)
     checkpoint_freq: int = 5            # steps between checkpoints
+    judge_reward_weight: float = 0.0    # > 0: add weight * the framework's rule-based reward (judge_reward.RuleBasedReward) to the RM score; 0: off (docs/ppo.md)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     rloo: RLOOConfig = field(default_factory=RLOOConfig)
@@ -103,6 +105,8 @@ class RLStageConfig:
             raise ValueError(f"rl.algorithm must be one of {', '.join(RL_STAGE_ALGORITHMS)}, got {self.algorithm!r}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("rl.steps and rl.batch_size must be >= 1")
+        if not self.judge_reward_weight >= 0:
+            raise ValueError(f"rl.judge_reward_weight must be >= 0 (0: off), got {self.judge_reward_weight!r}")
 
 
 @dataclass
@@ -324,9 +328,14 @@ class Pipeline:
         algo_config = getattr(cfg.rl, cfg.rl.algorithm)
         value_model = (ValueModel.from_causal_lm(policy, device=self.device, dtype=cfg.dtype)
                        if cfg.rl.algorithm == "ppo" else None)
-        trainer = make_rl_trainer(cfg.rl.algorithm, policy, tokenizer, reward_model, self.device,
-                                  config=algo_config, value_model=value_model)
         prompts = self.prompts("train_prompts", cfg.data.num_rl_prompts, seed_offset=3)
+        judge = None
+        judge_weight = cfg.rl.judge_reward_weight or algo_config.judge_reward_weight  # either field turns it on
+        if judge_weight:  # RL prompts are red-team prompts only: all judged as harmful
+            judge = RuleBasedReward(self.framework, kinds_by_prompt={p: "harmful" for p in prompts})
+            algo_config = dataclasses.replace(algo_config, judge_reward_weight=judge_weight)
+        trainer = make_rl_trainer(cfg.rl.algorithm, policy, tokenizer, reward_model, self.device,
+                                  config=algo_config, value_model=value_model, judge_reward=judge)
         result = trainer.train(prompts, num_steps=cfg.rl.steps, batch_size=cfg.rl.batch_size,
                                num_epochs_per_batch=cfg.rl.num_epochs_per_batch, max_length=cfg.rl.max_new_tokens,
                                temperature=cfg.rl.temperature, checkpoint_dir=str(out / "checkpoints"),

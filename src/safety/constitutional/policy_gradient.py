@@ -140,7 +140,7 @@ class PolicyGradientTrainer(PPOTrainer):
 
     def __init__(self, policy_model: nn.Module, reward_model: nn.Module, tokenizer, device=None,
                  config: Optional[PolicyGradientConfig] = None, ref_model: Optional[nn.Module] = None,
-                 reward_tokenizer=None, value_model: Optional[nn.Module] = None):
+                 reward_tokenizer=None, value_model: Optional[nn.Module] = None, *, judge_reward=None):
         if value_model is not None:
             raise ValueError("GRPO/RLOO/REINFORCE use no value model: pass value_model=None")
         config = config if config is not None else GRPOConfig()
@@ -151,7 +151,7 @@ class PolicyGradientTrainer(PPOTrainer):
         ppo_fields = {f.name for f in fields(PPOConfig)}
         base = PPOConfig(**{k: v for k, v in asdict(config).items() if k in ppo_fields})
         super().__init__(policy_model, _NoValueModel(), reward_model, tokenizer, device, config=base,
-                         ref_model=ref_model, reward_tokenizer=reward_tokenizer)
+                         ref_model=ref_model, reward_tokenizer=reward_tokenizer, judge_reward=judge_reward)
         self.config = config
         self._warned_vanilla_epochs = False
 
@@ -195,7 +195,7 @@ class PolicyGradientTrainer(PPOTrainer):
         mask = rollout.mask
         batch = mask.shape[0]
 
-        scores = self.normalise_scores(rollout.scores, rollout.finished)
+        scores = self.normalise_scores(rollout.total_scores, rollout.finished)  # RM score + judge term
         advantages, rewards, kl = self.compute_advantages(rollout, scores)
         raw_advantage_mean = masked_mean(advantages, mask).item()
         rollout_finite = ddp.all_true(bool(torch.isfinite(advantages).all() and torch.isfinite(rewards).all()))
@@ -216,7 +216,7 @@ class PolicyGradientTrainer(PPOTrainer):
         self._maybe_update_reference()
 
         mean = lambda key: float(sum(acc[key]) / len(acc[key])) if acc.get(key) else float("nan")  # noqa: E731
-        group_std = rollout.scores.view(-1, k).std(1).mean().item() if k > 1 else float("nan")
+        group_std = rollout.total_scores.view(-1, k).std(1).mean().item() if k > 1 else float("nan")
         stats = {
             "step": self.step,
             "policy_loss": mean("policy_loss"),
@@ -224,7 +224,8 @@ class PolicyGradientTrainer(PPOTrainer):
             "kl_per_token": masked_mean(kl_penalty(rollout.logprobs, rollout.ref_logprobs, "k1"), mask).item(),
             "kl_ref_loss": mean("kl_ref"),                  # the KL term of the loss (k3), if any
             "mean_reward": (scores - beta_used * (kl * mask).sum(1)).mean().item(),
-            "mean_score": rollout.scores.mean().item(),
+            "mean_score": rollout.scores.mean().item(),      # raw reward-model score
+            **self._judge_metrics(rollout),                  # judge_reward, when the hook is on
             "mean_normalized_score": scores.mean().item(),
             "group_score_std": group_std,                   # 0 = the groups carry no signal
             "mean_advantage": raw_advantage_mean,

@@ -6,11 +6,16 @@ One training step reads top to bottom (`train_step`):
   1. rollout   sample answers with the shared `generation.generate`; then ONE batched forward per
                model under inference_mode: the policy's log-probs of the sampled tokens (at the
                sampling temperature), the reference's, the value model's per-token values and the
-               reward model's score at the last real token;
+               reward model's score at the last real token (plus, optionally, a judge term: below);
   2. rewards   r_t = -beta * KL_t at every answer token, plus the (normalised) score at the last one;
   3. GAE       advantages over answer tokens only (padding masked), whitened; returns = A + V;
   4. update    several epochs over shuffled mini-batches: clipped policy ratio, clipped value loss,
                separate AdamW optimisers and gradient clipping for policy and value.
+
+Optional judge term (`judge_reward=` hook, scaled by `PPOConfig.judge_reward_weight`, 0 = off): a
+callable (prompts, answers) -> (batch,) whose value is added to the raw reward-model score right after
+the rollout, *before* `normalise_scores` (so it is whitened, clipped and eos-penalised with it), as in
+rule-based rewards for safety (Mu et al. 2024); `judge_reward.RuleBasedReward` is a ready one.
 
 All the math lives in `rl_primitives` as pure functions; this file orchestrates. Token alignment:
 with prompt width P (left-padded) and answer width R (right-padded), answer token t sits at column
@@ -100,6 +105,7 @@ class PPOConfig:
     reward_normalization: str = "auto"      # auto (model's stats if saved, else running) | running | model | none
     score_clip: Optional[float] = None      # clip the normalised score to [-c, c]
     missing_eos_penalty: Optional[float] = None  # subtracted from the normalised score of answers cut by the length limit
+    judge_reward_weight: float = 0.0        # scale of the `judge_reward` hook's term added to the raw score (0: off)
     # generation
     max_prompt_tokens: int = 512
     system_prompt: Optional[str] = None
@@ -144,6 +150,7 @@ class PPOConfig:
         need(self.mini_batch_size is None or self.mini_batch_size >= 1, "mini_batch_size", "must be >= 1")
         need(self.max_bad_steps >= 1, "max_bad_steps", "must be >= 1")
         need(self.target_kl > 0, "target_kl", "must be > 0")
+        need(math.isfinite(self.judge_reward_weight), "judge_reward_weight", "must be a finite number (0: off)")
         need(self.lora_r >= 0, "lora_r", "must be >= 0 (0: no LoRA)")
         need(not (self.lora_r and self.ref_update != "none"), "ref_update",
              "must be 'none' with LoRA (the reference is the policy's frozen base weights)")
@@ -171,10 +178,16 @@ class Rollout:
     scores: torch.Tensor           # (batch,) raw reward-model score
     texts: List[str] = field(default_factory=list)
     prompt_texts: List[str] = field(default_factory=list)
+    judge_scores: Optional[torch.Tensor] = None  # (batch,) weighted judge term; None when the hook is off
 
     @property
     def response_ids(self) -> torch.Tensor:
         return self.input_ids[:, self.prompt_width:]
+
+    @property
+    def total_scores(self) -> torch.Tensor:
+        """The raw sequence score the trainer rewards: reward-model score + judge term (if on). (batch,)"""
+        return self.scores if self.judge_scores is None else self.scores + self.judge_scores
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -219,6 +232,10 @@ class PPOTrainer:
     `value_model=None` builds a `ValueModel` on a copy of the policy's backbone. `ref_model=None`
     deep-copies the initial policy (once). `reward_tokenizer` is needed when the reward model reads
     a different vocabulary: its inputs are then rebuilt from the decoded text.
+
+    `judge_reward` (keyword-only): a callable (prompt_texts, answer_texts) -> tensor (batch,), e.g.
+    `judge_reward.RuleBasedReward`; `config.judge_reward_weight` times its value is added to each raw
+    reward-model score before normalisation. Off unless both are given (weight 0 = never called).
     """
 
     def __init__(self, policy_model: nn.Module, value_model: Optional[nn.Module], reward_model: nn.Module,
@@ -226,7 +243,7 @@ class PPOTrainer:
                  clip_epsilon: float = 0.2, kl_penalty: float = 0.1, gamma: float = 0.99,
                  gae_lambda: float = 0.95, value_loss_coef: float = 0.5, max_grad_norm: float = 1.0,
                  config: Optional[PPOConfig] = None, ref_model: Optional[nn.Module] = None,
-                 reward_tokenizer=None):
+                 reward_tokenizer=None, *, judge_reward: Optional[Callable[[List[str], List[str]], Any]] = None):
         guide_args = dict(learning_rate=learning_rate, clip_epsilon=clip_epsilon, kl_penalty=kl_penalty,
                           gamma=gamma, gae_lambda=gae_lambda, value_loss_coef=value_loss_coef,
                           max_grad_norm=max_grad_norm)
@@ -239,6 +256,12 @@ class PPOTrainer:
         self.device = torch.device(device) if device is not None else _device_of(policy_model)
         self.tokenizer = tokenizer
         self.reward_tokenizer = reward_tokenizer
+        self.judge_reward = judge_reward
+        if judge_reward is not None and not config.judge_reward_weight:
+            log.warning("a judge_reward hook was given but judge_reward_weight is 0: the judge term is off")
+        elif judge_reward is None and config.judge_reward_weight:
+            log.warning("judge_reward_weight=%s but no judge_reward hook was given: the judge term is off",
+                        config.judge_reward_weight)
         frozen_device = torch.device("cpu") if config.offload_frozen_to_cpu else self.device
 
         self.policy = policy_model.to(self.device)
@@ -374,6 +397,17 @@ class PPOTrainer:
             raise TypeError(f"the reward model must return one score per sequence (batch,), got {tuple(out.shape)}")
         return out.float()
 
+    def _judge_scores(self, prompt_texts, texts) -> Optional[torch.Tensor]:
+        """judge_reward_weight * judge_reward(prompts, answers), (batch,) on the trainer's device; None when off."""
+        weight = self.config.judge_reward_weight
+        if self.judge_reward is None or not weight:
+            return None
+        out = torch.as_tensor(self.judge_reward(list(prompt_texts), list(texts))).float()
+        if out.shape != (len(texts),):
+            raise TypeError(f"judge_reward must return one value per answer, shape ({len(texts)},), "
+                            f"got {tuple(out.shape)}")
+        return (weight * out).to(self.device)
+
     def _retokenise_for_reward(self, prompts, texts):
         """The reward model's own chat format around the decoded answer (a different vocabulary)."""
         tok = self.reward_tokenizer
@@ -422,12 +456,14 @@ class PPOTrainer:
         with torch.inference_mode():
             values = self._token_values(ids, attn, P, R)
             ref_logprobs, scores = self._ref_and_scores(ids, attn, R, temperature, list(prompts), out.texts)
+            judge = self._judge_scores(list(prompts), out.texts)  # added to `scores` in `total_scores`
         mask = out.response_mask.float()
         # clone outside inference mode: inference tensors cannot be saved for backward later
         return Rollout(input_ids=ids.clone(), attention_mask=attn.clone(), prompt_width=P, mask=mask.clone(),
                        finished=out.finished.clone(), logprobs=(out.logprobs * mask).clone(),
                        ref_logprobs=(ref_logprobs * mask).clone(), values=(values * mask).clone(),
-                       scores=scores.clone(), texts=out.texts, prompt_texts=out.prompt_texts)
+                       scores=scores.clone(), texts=out.texts, prompt_texts=out.prompt_texts,
+                       judge_scores=judge.clone() if judge is not None else None)
 
     def normalise_scores(self, scores: torch.Tensor, finished: torch.Tensor, update_stats: bool = True) -> torch.Tensor:
         """Raw scores -> whitened scores (running or the reward model's saved stats), clip, missing-eos penalty."""
@@ -472,7 +508,7 @@ class PPOTrainer:
         batch = mask.shape[0]
 
         # rewards, GAE (no gradients anywhere here)
-        scores = self.normalise_scores(rollout.scores, rollout.finished)
+        scores = self.normalise_scores(rollout.total_scores, rollout.finished)  # RM score + judge term
         rewards, kl = self.compute_token_rewards(rollout, scores)
         advantages, returns = compute_gae(rewards, rollout.values, mask, cfg.gamma, cfg.gae_lambda)
         raw_advantage_mean = masked_mean(advantages, mask).item()
@@ -504,7 +540,8 @@ class PPOTrainer:
             "kl_per_token": masked_mean(kl_penalty(rollout.logprobs, rollout.ref_logprobs, "k1"), mask).item(),
             "mean_reward": (scores - beta_used * (kl * mask).sum(1)).mean().item(),  # score - beta*KL, per answer
             "mean_score": rollout.scores.mean().item(),      # raw reward-model score
-            "mean_normalized_score": scores.mean().item(),
+            **self._judge_metrics(rollout),                  # judge_reward, when the hook is on
+            "mean_normalized_score": scores.mean().item(),   # of RM score + judge term
             "mean_advantage": raw_advantage_mean,
             "approx_kl": mean("approx_kl"),
             "clipfrac": mean("clipfrac"),
@@ -520,6 +557,13 @@ class PPOTrainer:
         }
         self._record_step(stats, rollout)
         return stats
+
+    @staticmethod
+    def _judge_metrics(rollout: Rollout) -> Dict[str, float]:
+        """`judge_reward`: mean weighted judge term of the rollout (logged only when the hook is on)."""
+        if rollout.judge_scores is None:
+            return {}
+        return {"judge_reward": rollout.judge_scores.mean().item()}
 
     def _step_bookkeeping(self, rollout: Rollout, beta_used: float, epochs_done: int, skipped: int,
                           t_rollout: float, t0: float) -> Dict[str, float]:
