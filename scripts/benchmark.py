@@ -17,6 +17,8 @@ the machine hits both alike):
   sft         SFT tokens/s (ours vs trl.SFTTrainer)
   ppo         seconds for one PPO iteration: batch 8, answers up to 48 tokens, 4 PPO epochs
               (ours vs trl.experimental.ppo.PPOTrainer, see below)
+  judge       seconds to judge 1,000 answers (the labelled answers in data/labels, cycled) with the
+              pipeline's default framework: rules + harm judge + refusal classifier
 Each line carries the peak memory of its run (RSS on CPU, torch.cuda.max_memory_allocated on GPU)
 and `mfu`: achieved model FLOP/s over the measured matmul rate, with FLOPs per token 2N forward and
 6N forward+backward, N counting every matmul weight including the LM head (not the embedding lookup).
@@ -60,7 +62,7 @@ from src.models.checkpointing import enable_gradient_checkpointing  # noqa: E402
 from src.models.heads import RewardModel  # noqa: E402
 from src.models.precision import compute_dtype, set_precision  # noqa: E402
 
-SECTIONS = ("matmul", "generation", "reward", "sft", "ppo")
+SECTIONS = ("matmul", "generation", "reward", "sft", "ppo", "judge")
 PAIRS_PATH = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz"
 
 # Fixed prompts: the same work every run, varied lengths so that padding is realistic.
@@ -733,8 +735,36 @@ def section_ppo(b: Bench):
         yield _round({"section": "ppo", "impl": "speedup_vs_trl", **_speedups(results["trl"], results["ours"])})
 
 
+# .. judging .......................................................................................
+
+def section_judge(b: Bench):
+    """The default framework of the pipeline, built as the pipeline builds it, on real answers."""
+    from src.safety.constitutional.framework import ConstitutionalFramework
+    from src.safety.constitutional.io import read_jsonl
+
+    rows = read_jsonl(ROOT / "data" / "labels" / "refusal_labels.jsonl", skip_torn_tail=False)
+    n = 24 if b.small else 1000
+    rows = [rows[i % len(rows)] for i in range(n)]
+    prompts, answers = [r["prompt"] for r in rows], [r["completion"] for r in rows]
+    t0 = time.perf_counter()
+    framework = ConstitutionalFramework(harm_judge="default", refusal_classifier="default",
+                                        device=str(b.device))
+    framework.evaluate_batch(prompts[:4], answers[:4])  # loads the embedder and the backbone
+    load_s = time.perf_counter() - t0
+    for evaluator in framework.evaluators.values():  # time real work, not the backbone's encoding cache
+        getattr(getattr(evaluator, "features", None), "_recent", {}).clear()
+    with PeakMemory(b.device) as pm:
+        t0, c0 = time.perf_counter(), time.process_time()
+        results = framework.evaluate_batch(prompts, answers, kinds=[r["kind"] for r in rows])
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    yield _round({"section": "judge", "answers": n, "seconds": dt, "answers_per_s": n / dt, "cpu_seconds": cpu,
+                  "load_seconds": load_s, "evaluators": list(framework.evaluators), "refusal_classifier": True,
+                  "refused": sum(r.refused for r in results), "peak_mem_mb": pm.peak_mb})
+
+
 SECTION_FNS = {"matmul": section_matmul, "generation": section_generation, "reward": section_reward,
-               "sft": section_sft, "ppo": section_ppo}
+               "sft": section_sft, "ppo": section_ppo,
+               "judge": section_judge}
 
 
 # --------------------------------------------------------------------------------------------------

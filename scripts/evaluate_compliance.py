@@ -47,7 +47,7 @@ from src.safety.constitutional.constitution import load_constitution  # noqa: E4
 from src.safety.constitutional.framework import ConstitutionalFramework  # noqa: E402
 from src.safety.constitutional.io import atomic_write_json, read_jsonl, read_prompts  # noqa: E402
 
-EVALUATOR_CHOICES = ("rules", "classifier", "judge", "reward_model")
+EVALUATOR_CHOICES = ("rules", "classifier", "harm_judge", "judge", "reward_model")
 BUILTIN_BENCHMARK_NAMES = ("xstest", "advbench")  # src/safety/constitutional/benchmarks.py: BUILTIN_BENCHMARKS
 
 
@@ -77,9 +77,12 @@ def parse_args(argv=None):
                    help="with --pairs: the prompts' kind (hh-rlhf harmless pairs are all red-team talks), "
                         "or detect it per prompt with the rules")
     p.add_argument("--constitution", type=Path, default=None, help="constitution YAML (default data/constitution.yaml)")
-    p.add_argument("--evaluators", default="rules,classifier",
-                   help="comma-separated evaluators to use: rules, classifier, judge, reward_model "
+    p.add_argument("--evaluators", default="rules,harm_judge",
+                   help="comma-separated evaluators to use: rules, classifier, harm_judge, judge, reward_model "
                         "(reward_model needs --reward-model)")
+    p.add_argument("--refusal-classifier", default="default",
+                   help="weights of the 3-class refusal classifier ('default': data/judges/refusal.npz; "
+                        "'none': the rules' refusal regexes)")
     p.add_argument("--judge-model", default=None,
                    help="chat model for the judge evaluator ('default', or a directory); implies 'judge'")
     p.add_argument("--reward-model", default=None, help="a reward-model directory: report its mean score; with the reward_model evaluator it also judges")
@@ -141,8 +144,11 @@ def build_framework(args, judge=None):
     if "reward_model" in args.evaluators:
         from src.safety.constitutional.evaluators.reward_model import RewardModelEvaluator
         reward_model = RewardModelEvaluator.load(args.reward_model, device=args.device)
+    refusal = None if args.refusal_classifier in ("", "none") else args.refusal_classifier
     framework = ConstitutionalFramework(constitution, judge_model=judge_model, judge_tokenizer=judge_tokenizer,
-                                        classifier=classifier, reward_model=reward_model)
+                                        classifier=classifier, reward_model=reward_model,
+                                        harm_judge="default" if "harm_judge" in args.evaluators else None,
+                                        refusal_classifier=refusal, device=args.device)
     if "rules" not in args.evaluators:  # rules are the fallback for principles with nothing else
         framework.evaluators["rules"].weight = 1e-6
     return framework

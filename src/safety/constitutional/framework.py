@@ -99,7 +99,7 @@ class ConstitutionalFramework:
         if isinstance(refusal_classifier, (str, os.PathLike)):
             from .evaluators.refusal import RefusalClassifier
             self.refusal_classifier = RefusalClassifier.load(None if refusal_classifier == "default"
-                                                             else refusal_classifier)
+                                                             else refusal_classifier, device=device or "cpu")
         self.evaluators.update(evaluators or {})
 
     # -- helpers ------------------------------------------------------------------------------

@@ -491,7 +491,7 @@ class _RefusalProba:
 
 register_evaluator("refusal_classifier", lambda options: _RefusalProba(_refusal_classifier(options)))
 # The pipeline's default framework (PipelineConfig.evaluators and refusal_classifier).
-register_evaluator("framework", lambda options: FrameworkEvaluator(["rules", "classifier", "harm_judge"], options,
+register_evaluator("framework", lambda options: FrameworkEvaluator(["rules", "harm_judge"], options,
                                                                    refusal_classifier=_refusal_classifier(options)))
 
 

@@ -67,7 +67,7 @@ class DataConfig:
     num_eval_prompts: int = 50          # per evaluation set
     human_pairs: Optional[str] = None   # human preference pairs (hh-rlhf format) mixed into stage 2's AI pairs
     num_human_pairs: int = 0            # how many of them (0: AI feedback only)
-    reward_eval_pairs: Optional[str] = None  # hh-rlhf pairs file whose held-out split the RM is scored on
+    reward_eval_pairs: Optional[str] = None  # human pairs never trained on (every pair of the file): the RM's held-out accuracy
 
     def __post_init__(self):
         for name in ("num_sft_prompts", "num_preference_prompts", "num_rl_prompts", "num_eval_prompts"):
@@ -146,7 +146,7 @@ class PipelineConfig:
     seed: int = 0                       # every random choice of the run derives from it
     stages: List[str] = field(default_factory=lambda: list(STAGES))  # subset of sft, reward, rl, evaluate
     reuse_stages_from: Optional[str] = None  # a run folder whose finished stages stand in for the stages this run does not list (read only)
-    evaluators: List[str] = field(default_factory=lambda: ["rules", "classifier", "harm_judge"])  # rules, classifier, harm_judge (SmolLM2 layer-8 probe on human pairs), judge (a chat model asked yes/no): who scores and labels answers
+    evaluators: List[str] = field(default_factory=lambda: ["rules", "harm_judge"])  # rules, classifier (MiniLM), harm_judge (SmolLM2 layer-8 probe on human pairs), judge (a chat model asked yes/no): who scores and labels answers; the default is chosen in docs/evaluators.md
     refusal_classifier: Optional[str] = "default"  # 3-class refusal classifier deciding `refused`: "default" (data/judges/refusal.npz), a weights file, or null for the rules' regexes
     judge_model: Optional[str] = None   # a local chat model folder for the judge instead of the base model (implies 'judge'; e.g. a 7B instruct model on a GPU)
     guard_model: Optional[str] = None   # a local sequence-classification folder (guard classifier or reward model) judging the principles that list 'guard'; labels mapped by the constitution's guard: block
@@ -311,11 +311,11 @@ class Pipeline:
         reward_model.save_pretrained(out / "model", tokenizer=tokenizer)
         summary = {"preferences": stats, "num_train_pairs": len(train_pairs), "train": _scalars(metrics)}
         eval_file = _resolve(cfg.data.reward_eval_pairs)
-        if eval_file is not None and eval_file.is_file():
-            held = load_pairs(eval_file, split="heldout")
+        if eval_file is not None:
+            if not eval_file.is_file():  # a figure silently missing from the report is worse than a stop
+                raise FileNotFoundError(f"data.reward_eval_pairs: {eval_file} not found")
+            held = load_pairs(eval_file)
             summary["human_heldout"] = {"pairs": len(held), **_scalars(trainer.evaluate(held))}
-        elif eval_file is not None:
-            log.warning("reward_eval_pairs %s not found: skipping the human held-out accuracy", eval_file)
         return summary
 
     def run_rl(self) -> dict:
