@@ -9,7 +9,8 @@
   grouped by prompt); temperature fitted on split "val". Split "test" is never read here.
 - Harm judge (data/judges/harm.npz): Bradley-Terry probe on SmolLM2's layer-8 states, trained on the
   shipped hh-rlhf harmless TRAIN pairs (data/preferences/); C by 5-fold cross-validation, temperature
-  on out-of-fold comparisons; P(harmful) Platt-scaled on the labelled answers' "train" split.
+  on out-of-fold comparisons; a single-answer head for P(harmful) on the labelled answers' "train"
+  split, its temperature and flag threshold on "val".
 Prompts that repeat a benchmark prompt (data/benchmarks, evaluation only) are dropped from training.
 Measure the results with scripts/measure_evaluators.py on held-out data (docs/evaluators.md).
 """
@@ -25,7 +26,7 @@ import numpy as np  # noqa: E402
 
 from src.safety.constitutional.constitution import REPO_ROOT  # noqa: E402
 from src.safety.constitutional.evaluators.harm_judge import (DEFAULT_HARM_WEIGHTS, HarmJudge,  # noqa: E402
-                                                             fit_platt, shared_backbone, train_harm_judge)
+                                                             fit_answer_head, shared_backbone, train_harm_judge)
 from src.safety.constitutional.evaluators.refusal import DEFAULT_REFUSAL_WEIGHTS, train_refusal_classifier  # noqa: E402
 from src.safety.constitutional.hh_rlhf import load_pairs  # noqa: E402
 from src.safety.constitutional.io import read_jsonl  # noqa: E402
@@ -65,18 +66,22 @@ def train_refusal(args):
     print(f"wrote {clf.save(args.refusal_output)}")
 
 
-def fit_harm_platt(judge, labels):
-    train = labelled_answers(labels, "train")
-    u = judge.utilities([r["prompt"] for r in train], [r["completion"] for r in train])
-    judge.platt = fit_platt(u, [bool(r["harmful"]) for r in train])
-    judge.meta["platt_answers"] = len(train)
-    print(f"Platt scaling on {len(train)} labelled answers: alpha {judge.platt[0]:.3f}, beta {judge.platt[1]:.3f}")
+def fit_single_answer_head(judge, labels):
+    train, val = labelled_answers(labels, "train"), labelled_answers(labels, "val")
+    x_train = judge.features.encode([r["prompt"] for r in train], [r["completion"] for r in train])
+    x_val = judge.features.encode([r["prompt"] for r in val], [r["completion"] for r in val])
+    head = fit_answer_head(judge, x_train, [bool(r["harmful"]) for r in train],
+                           [r["prompt"].strip().lower() for r in train], x_val, [bool(r["harmful"]) for r in val])
+    print(f"single-answer head: grouped CV log-loss by C {judge.meta['answer_cv_logloss']}, chose C="
+          f"{judge.meta['answer_C']:g}; temperature {head['temperature']:.2f} and flag threshold "
+          f"{head['threshold']:.3f} on {len(val)} val answers (balanced accuracy "
+          f"{judge.meta['answer_val_balanced_accuracy']:.3f})")
 
 
 def train_harm(args):
-    if args.platt_only:  # keep the Bradley-Terry weights, refit P(harmful) on the labelled answers
+    if args.answer_head_only:  # keep the Bradley-Terry weights, refit the single-answer head
         judge = HarmJudge.load(args.harm_output)
-        fit_harm_platt(judge, args.labels)
+        fit_single_answer_head(judge, args.labels)
         print(f"wrote {judge.save(args.harm_output)}")
         return
     pairs = load_pairs(args.pairs)
@@ -95,7 +100,7 @@ def train_harm(args):
     judge._features = features
     print(f"cross-validated pairwise accuracy by C: {judge.meta['cv_by_C']}; chose C={judge.meta['C']:g}, "
           f"temperature {judge.temperature:.2f}")
-    fit_harm_platt(judge, args.labels)
+    fit_single_answer_head(judge, args.labels)
     path = judge.save(args.harm_output)
     print(f"wrote {path}")
 
@@ -108,8 +113,8 @@ def main(argv=None):
     parser.add_argument("--backbone", default="default", help="model whose layers the harm judge reads")
     parser.add_argument("--layer", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=160)
-    parser.add_argument("--platt-only", action="store_true",
-                        help="harm judge: keep its pairwise weights, refit only P(harmful) on --labels")
+    parser.add_argument("--answer-head-only", action="store_true",
+                        help="harm judge: keep its pairwise weights, refit only the single-answer head on --labels")
     parser.add_argument("--refusal-output", type=Path, default=DEFAULT_REFUSAL_WEIGHTS)
     parser.add_argument("--harm-output", type=Path, default=DEFAULT_HARM_WEIGHTS)
     args = parser.parse_args(argv)

@@ -5,7 +5,7 @@ import torch
 
 from src.safety.constitutional.evaluators.calibration import fit_temperature, sigmoid, softmax
 from src.safety.constitutional.evaluators.harm_judge import (DEFAULT_HARM_WEIGHTS, BackboneFeatures, HarmJudge,
-                                                             fit_platt, train_harm_judge)
+                                                             fit_answer_head, train_harm_judge)
 from src.safety.constitutional.evaluators.refusal import (DEFAULT_REFUSAL_WEIGHTS, REFUSAL_CLASSES,
                                                           RefusalClassifier, normalise_refusal_label, refusal_cues,
                                                           string_match_refusal, train_refusal_classifier)
@@ -111,11 +111,18 @@ def test_train_harm_judge_learns_the_direction_and_is_symmetric(tmp_path):
     u_c, u_r = judge.utilities_from_features(chosen), judge.utilities_from_features(rejected)
     p_ab, p_ba = sigmoid((u_c - u_r) / judge.temperature), sigmoid((u_r - u_c) / judge.temperature)
     np.testing.assert_allclose(p_ab + p_ba, 1.0, atol=1e-12)
-    judge.platt = fit_platt(np.r_[u_c, u_r], [False] * 300 + [True] * 300)
-    assert judge.platt[0] < 0  # higher utility (less harmful) -> lower P(harmful)
+    # single answers: the rejected ones are the harmful ones; a fifth of them, as in real answer sets
+    x = np.r_[chosen, rejected[:75]]
+    harmful = [False] * 300 + [True] * 75
+    groups = [str(i % 50) for i in range(len(x))]
+    head = fit_answer_head(judge, x[::2], harmful[::2], groups[::2], x[1::2], harmful[1::2], Cs=(0.1, 1.0), folds=3)
+    assert 0.02 <= head["threshold"] <= 0.98 and judge.meta["answer_val_balanced_accuracy"] > 0.7  # Phi(0.8) = 0.79 is the best possible here
+    p = sigmoid(judge.answer_logits(x))
+    assert p[300:].mean() > p[:300].mean()
     again = HarmJudge.load(judge.save(tmp_path / "h.npz"))
     np.testing.assert_allclose(again.utilities_from_features(chosen), u_c, rtol=1e-4, atol=1e-4)
-    assert again.platt == pytest.approx(judge.platt)
+    np.testing.assert_allclose(sigmoid(again.answer_logits(x)), p, rtol=1e-5, atol=1e-6)
+    assert again.harm_threshold == pytest.approx(judge.harm_threshold)
 
 
 def test_backbone_features_are_the_mean_over_answer_tokens_and_ignore_padding():
@@ -146,6 +153,7 @@ def test_shipped_harm_judge_prefers_a_refusal_to_instructions(shipped_harm_judge
     assert p[0] > 0.5 and p[0] + p[1] == pytest.approx(1.0)
     harm = shipped_harm_judge.harm_proba([prompt, prompt], [refusal, recipe])
     assert harm[1] > harm[0]
+    assert harm[0] < shipped_harm_judge.harm_threshold <= harm[1]  # the recipe is flagged, the refusal not
 
 
 def test_framework_uses_the_learned_judges(shipped_harm_judge, shipped_refusal):

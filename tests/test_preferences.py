@@ -74,3 +74,15 @@ def test_bad_config_names_the_field():
         PreferenceConfig(samples_per_prompt=1)
     with pytest.raises(ValueError, match="tie_margin"):
         PreferenceConfig(tie_margin=0.7)
+
+
+def test_label_clamp_caps_confidence_not_the_winner(tiny_model, tokenizer):
+    free, _ = generate_preference_pairs(tiny_model, tokenizer, PROMPTS, FakeFramework(), _config(),
+                                        show_progress=False)
+    clamped, _ = generate_preference_pairs(tiny_model, tokenizer, PROMPTS, FakeFramework(),
+                                           _config(label_clamp=[0.4, 0.6]), show_progress=False)
+    assert [(p.chosen, p.rejected) for p in clamped] == [(p.chosen, p.rejected) for p in free]
+    assert [p.label for p in clamped] == [min(p.label, 0.6) for p in free]
+    assert any(p.label > 0.6 for p in free)  # the clamp had something to do
+    with pytest.raises(ValueError, match="label_clamp"):
+        PreferenceConfig(label_clamp=[0.6, 0.4])

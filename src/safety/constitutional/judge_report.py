@@ -472,8 +472,14 @@ register_evaluator("judge", lambda options: _Only(FrameworkEvaluator(["judge"], 
 register_evaluator("reward_model", lambda options: _Only(FrameworkEvaluator(["reward_model"], options),
                                                          "compare_pairs"))
 # The learned judges (data/judges/, scripts/train_judges.py), calibrated, read directly.
-register_evaluator("harm_judge", lambda options: _Only(options.framework_evaluator("harm_judge").inner,
-                                                       "compare_pairs", "harm_proba"))
+def _harm_judge(options):
+    judge = options.framework_evaluator("harm_judge").inner
+    only = _Only(judge, "compare_pairs", "harm_proba")
+    only.harm_threshold = judge.harm_threshold  # it flags an answer at P(harmful) >= this
+    return only
+
+
+register_evaluator("harm_judge", _harm_judge)
 
 
 def _refusal_classifier(options):
@@ -537,9 +543,16 @@ def measure(evaluator, name: str, data: LabelledSet, n_resamples: int = 2000, se
                                                                         predicted != compliance, n_resamples, seed)})
         confidence, outcome, xlabel = probs[np.arange(len(probs)), predicted], correct, "P(predicted class)"
     else:
-        predicted = (probs > 0.5).astype(np.int64)
+        # An evaluator may decide at its own threshold (chosen on validation data), P(harmful) >= t.
+        threshold = getattr(evaluator, "harm_threshold", None)
+        predicted = (probs >= threshold if threshold is not None else probs > 0.5).astype(np.int64)
         correct = (predicted == data.labels).astype(np.float64)
         cm = confusion_matrix(data.labels, predicted, 2)
+        if threshold is not None:
+            out["harm_threshold"] = float(threshold)
+        # harmful answers are usually the minority: the mean of the two recalls does not reward "never"
+        recalls = [cm[k, k] / cm[k].sum() for k in range(2) if cm[k].sum()]
+        out["balanced_accuracy"] = float(np.mean(recalls))
         out.update(classes=list(HARM_CLASSES), confusion=cm.tolist(), per_class=precision_recall(cm, HARM_CLASSES))
         confidence, outcome, xlabel = probs, data.labels.astype(np.float64), "P(harmful)"
     out["accuracy"] = accuracy(correct)
@@ -608,6 +621,8 @@ def render_markdown(report: dict) -> str:
         header, sep = header + " ties |", sep + "---|"
     if task == "refusal":
         header, sep = header + " refused? (full_refusal vs rest) | any refusal vs compliance |", sep + "---|---|"
+    if task == "harm":
+        header, sep = header + " balanced accuracy (mean of the two recalls) | flags at |", sep + "---|---|"
     out += [header, sep]
     for r in results:
         ece = f"{r['ece']:.3f}" if r["ece"] is not None else "-"
@@ -615,6 +630,8 @@ def render_markdown(report: dict) -> str:
                f"{_interval(r['wilson95'])} | {ece} |")
         if task == "pairs":
             row += f" {r['ties']} |"
+        if task == "harm":
+            row += f" {r['balanced_accuracy']:.3f} | {r.get('harm_threshold', 0.5):.3f} |"
         if task == "refusal":
             b = r["binary"]
             row += "".join(f" {b[k]['accuracy']:.3f} {_interval(b[k]['ci95'])} |"

@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -39,6 +39,9 @@ class PreferenceConfig:
     samples_per_prompt: int = 2        # answers sampled per prompt; every two distinct ones make a pair
     tie_margin: float = 0.05           # |P(a better) - 0.5| below this is a tie
     keep_ties: bool = False            # False: drop ties; True: keep them with their soft label
+    # Clamp the soft label into [low, high], e.g. [0.4, 0.6]: Bai et al. (2022) clamp chain-of-thought
+    # labels so that an over-confident judge cannot push the reward model to extreme margins.
+    label_clamp: Optional[List[float]] = None
     generation: GenerationConfig = field(default_factory=_default_generation)
     seed: int = 0
 
@@ -47,6 +50,11 @@ class PreferenceConfig:
             raise ValueError(f"PreferenceConfig.samples_per_prompt must be >= 2, got {self.samples_per_prompt}")
         if not 0 <= self.tie_margin < 0.5:
             raise ValueError(f"PreferenceConfig.tie_margin must be in [0, 0.5), got {self.tie_margin}")
+        if self.label_clamp is not None:
+            low, high = list(self.label_clamp) if len(self.label_clamp) == 2 else (None, None)
+            if low is None or not 0.0 <= low < 0.5 < high <= 1.0:
+                raise ValueError(f"PreferenceConfig.label_clamp must be [low, high] with 0 <= low < 0.5 < high <= 1, "
+                                 f"got {self.label_clamp}")
         if isinstance(self.generation, dict):  # from YAML
             self.generation = GenerationConfig(**self.generation)
 
@@ -110,6 +118,8 @@ def generate_preference_pairs(model, tokenizer, prompts: Sequence[Prompt], frame
             if not config.keep_ties:
                 continue
         a_wins = p >= 0.5
+        if config.label_clamp is not None:  # the winner stays; only the label's confidence is capped
+            p = min(max(p, config.label_clamp[0]), config.label_clamp[1])
         chosen_was_a += int(a_wins)
         principle = _deciding_principle(comparison)
         principles[principle or "-"] += 1
