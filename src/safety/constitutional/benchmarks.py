@@ -23,8 +23,6 @@ interval; two models answering the same prompts are compared with McNemar's exac
 """
 from __future__ import annotations
 
-import csv
-import gzip
 import json
 import math
 import re
@@ -36,11 +34,11 @@ import pandas as pd
 
 from .evaluators.refusal import REFUSAL_CLASSES, normalise_refusal_label, string_match_refusal
 from .generation import GenerationConfig, generate_text
-from .io import atomic_path, atomic_write_json, atomic_write_text
+from .io import atomic_path, atomic_write_json, atomic_write_text, read_table_rows
+from .stats import Z95, wilson_interval
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 BENCHMARK_DIR = REPO_ROOT / "data" / "benchmarks"
-Z95 = 1.959963984540054  # the 97.5% quantile of the standard normal
 
 # The judge's interface: prompts and answers in, one of REFUSAL_CLASSES per answer out.
 RefusalJudge = Callable[[Sequence[str], Sequence[str]], List[str]]
@@ -149,7 +147,7 @@ def load_prompt_file(path, name: Optional[str] = None, prompt_column: Optional[s
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"benchmark file {path} does not exist")
-    rows = _read_rows(path)  # [(line number, {column: value})]
+    rows = read_table_rows(path)  # [(line number, {column: value})]
     if not rows:
         raise ValueError(f"{path}: contains no prompts")
     columns = {c.lower(): c for _, row in rows[:1] for c in row}
@@ -180,33 +178,6 @@ def load_prompt_file(path, name: Optional[str] = None, prompt_column: Optional[s
         types.append(str(row.get(type_col) or row_kind) if type_col else row_kind)
         ids.append(str(row.get("id", line)))
     return Benchmark(name or path.name.split(".")[0], prompts, kinds, types, ids, str(path))
-
-
-def _read_rows(path: Path) -> List[Tuple[int, dict]]:
-    name = path.name.removesuffix(".gz")
-    if name.endswith((".jsonl", ".json")):
-        rows = []
-        opener = gzip.open if path.name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from err
-                if not isinstance(record, dict):
-                    raise ValueError(f"{path}:{number}: expected a JSON object per line")
-                rows.append((number, record))
-        return rows
-    if name.endswith(".csv"):
-        with open(path, encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle)
-            rows = []
-            for row in reader:
-                rows.append((reader.line_num, row))
-            return rows
-    raise ValueError(f"{path}: a benchmark file must be .csv or .jsonl")
 
 
 def _column(path: Path, columns: Dict[str, str], wanted: Sequence[str], what: str) -> str:
@@ -271,20 +242,6 @@ def find_near_duplicates(texts: Sequence[str], references: Sequence[str],
 
 
 # -- statistics --------------------------------------------------------------------------------
-
-def wilson_interval(k: int, n: int, z: float = Z95) -> Tuple[float, float]:
-    """Wilson score interval for k successes in n trials (Wilson 1927): good for small n and rates
-    near 0 or 1, where the normal approximation gives intervals outside [0, 1]."""
-    if n <= 0:
-        return (float("nan"), float("nan"))
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    low = 0.0 if k == 0 else max(0.0, centre - half)   # exact ends: no rounding past the estimate
-    high = 1.0 if k == n else min(1.0, centre + half)
-    return (low, high)
-
 
 def mcnemar_exact(b: int, c: int) -> float:
     """Two-sided exact McNemar p-value for the discordant counts b and c: under the null each

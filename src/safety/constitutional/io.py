@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional, Union
+from typing import Iterable, Iterator, List, Optional, Tuple, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -118,6 +118,41 @@ def read_jsonl(path: PathLike, skip_torn_tail: bool = True) -> List[dict]:
                 continue
             raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from err
     return records
+
+
+def read_table_rows(path: PathLike) -> List[Tuple[int, dict]]:
+    """(line number, record) for each record of a CSV (header row) or JSONL file, gzip allowed, so a
+    caller can name the line of a bad value. For CSV the line is where the record starts (a quoted
+    field may span lines)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    name = path.name.removesuffix(".gz")
+    rows: List[Tuple[int, dict]] = []
+    if name.endswith(".csv"):
+        with _open_text(path) as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is None:
+                raise ValueError(f"{path}: empty file (no header row)")
+            previous_end = reader.line_num
+            for row in reader:
+                rows.append((previous_end + 1, row))
+                previous_end = reader.line_num
+    elif name.endswith((".jsonl", ".json")):
+        with _open_text(path) as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}: line {number}: not valid JSON ({err.msg})") from err
+                if not isinstance(record, dict):
+                    raise ValueError(f"{path}: line {number}: expected a JSON object, got {type(record).__name__}")
+                rows.append((number, record))
+    else:
+        raise ValueError(f"{path}: expected a .csv or .jsonl file (optionally .gz)")
+    return rows
 
 
 def read_prompts(path: PathLike, column: Optional[str] = None) -> List[str]:

@@ -29,8 +29,6 @@ can be checked by hand; `measure` ties them together and `render_markdown` write
 """
 from __future__ import annotations
 
-import csv
-import gzip
 import json
 import time
 from dataclasses import dataclass, field
@@ -40,7 +38,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .evaluators.refusal import REFUSAL_CLASSES, normalise_refusal_label, string_match_refusal
-from .io import atomic_path, atomic_write_json, atomic_write_text
+from .io import atomic_path, atomic_write_json, atomic_write_text, read_table_rows
+from .stats import wilson_interval
 
 TASKS = ("pairs", "refusal", "harm")
 HARM_CLASSES = ("not_harmful", "harmful")
@@ -83,33 +82,9 @@ def _numbered_rows(path: Path) -> List[Tuple[str, dict]]:
     """(where, row) for each record of a CSV or JSONL(.gz) file; `where` is "line N" or "row N (line L)"."""
     if not path.is_file():
         raise FileNotFoundError(f"labelled file {path} does not exist")
-    name = path.name.removesuffix(".gz")
-    opener = (lambda: gzip.open(path, "rt", encoding="utf-8", newline="")) if path.suffix == ".gz" else \
-        (lambda: open(path, "r", encoding="utf-8", newline=""))
-    rows: List[Tuple[str, dict]] = []
-    if name.endswith(".csv"):
-        with opener() as handle:
-            reader = csv.DictReader(handle)
-            if reader.fieldnames is None:
-                raise ValueError(f"{path}: empty file (no header row)")
-            previous_end = reader.line_num
-            for number, row in enumerate(reader, 1):
-                rows.append((f"row {number} (line {previous_end + 1})", row))
-                previous_end = reader.line_num
-    elif name.endswith((".jsonl", ".json")):
-        with opener() as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}: line {number}: not valid JSON ({err.msg})") from err
-                if not isinstance(record, dict):
-                    raise ValueError(f"{path}: line {number}: expected a JSON object, got {type(record).__name__}")
-                rows.append((f"line {number}", record))
-    else:
-        raise ValueError(f"{path}: expected a .csv or .jsonl (optionally .gz) file")
+    csv_file = path.name.removesuffix(".gz").endswith(".csv")
+    rows = [(f"row {i} (line {line})" if csv_file else f"line {line}", row)
+            for i, (line, row) in enumerate(read_table_rows(path), 1)]
     if not rows:
         raise ValueError(f"{path}: empty file (no labelled rows)")
     return rows
@@ -187,17 +162,6 @@ def bootstrap_interval(correct, n_resamples: int = 2000, seed: int = 0, level: f
     alpha = (1.0 - level) / 2
     lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
     return float(lo), float(hi)
-
-
-def wilson_interval(successes: float, n: int, z: float = 1.959964) -> Tuple[float, float]:
-    """Wilson score interval for a proportion (a tie's 0.5 may make `successes` fractional)."""
-    if n <= 0:
-        raise ValueError("wilson_interval needs n > 0")
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return float(centre - half), float(centre + half)
 
 
 def confusion_matrix(truth, predicted, n_classes: int) -> np.ndarray:
