@@ -143,3 +143,10 @@ def test_pipeline_option_is_off_by_default_and_validated():
         RLStageConfig(judge_reward_weight=-1.0)
     with pytest.raises(ValueError, match="judge_reward_weight"):
         PPOConfig(judge_reward_weight=float("nan"))
+
+
+def test_benign_rl_prompts_are_validated():
+    from src.safety.constitutional.pipeline import DataConfig
+    assert DataConfig().num_rl_benign_prompts == 0  # off unless a preset asks for it
+    with pytest.raises(ValueError, match="num_rl_benign_prompts"):
+        DataConfig(num_rl_benign_prompts=-1)

@@ -63,7 +63,8 @@ class DataConfig:
     eval_benign_prompts: str = "data/prompts/benign_eval.jsonl"     # held out: over-refusal check
     num_sft_prompts: int = 48           # red-team prompts through critique-revision
     num_preference_prompts: int = 64    # prompts sampled twice and labelled by the constitution
-    num_rl_prompts: int = 64            # prompt pool for RL rollouts
+    num_rl_prompts: int = 64            # prompt pool for RL rollouts (red-team prompts)
+    num_rl_benign_prompts: int = 0      # benign prompts added to that pool, so RL also sees requests it must answer
     num_eval_prompts: int = 50          # per evaluation set
     human_pairs: Optional[str] = None   # human preference pairs (hh-rlhf format) mixed into stage 2's AI pairs
     num_human_pairs: int = 0            # how many of them (0: AI feedback only)
@@ -73,6 +74,8 @@ class DataConfig:
         for name in ("num_sft_prompts", "num_preference_prompts", "num_rl_prompts", "num_eval_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_rl_benign_prompts < 0:
+            raise ValueError(f"data.num_rl_benign_prompts must be >= 0, got {self.num_rl_benign_prompts}")
 
 
 @dataclass
@@ -329,10 +332,15 @@ class Pipeline:
         value_model = (ValueModel.from_causal_lm(policy, device=self.device, dtype=cfg.dtype)
                        if cfg.rl.algorithm == "ppo" else None)
         prompts = self.prompts("train_prompts", cfg.data.num_rl_prompts, seed_offset=3)
+        kinds = {p: "harmful" for p in prompts}
+        if cfg.data.num_rl_benign_prompts:  # without them RL only ever sees requests to refuse
+            benign = self.prompts("benign_train_prompts", cfg.data.num_rl_benign_prompts, seed_offset=4)
+            kinds.update({p: "benign" for p in benign})
+            prompts = prompts + benign
         judge = None
         judge_weight = cfg.rl.judge_reward_weight or algo_config.judge_reward_weight  # either field turns it on
-        if judge_weight:  # RL prompts are red-team prompts only: all judged as harmful
-            judge = RuleBasedReward(self.framework, kinds_by_prompt={p: "harmful" for p in prompts})
+        if judge_weight:  # the prompt files say which prompts are harmful and which benign
+            judge = RuleBasedReward(self.framework, kinds_by_prompt=kinds)
             algo_config = dataclasses.replace(algo_config, judge_reward_weight=judge_weight)
         trainer = make_rl_trainer(cfg.rl.algorithm, policy, tokenizer, reward_model, self.device,
                                   config=algo_config, value_model=value_model, judge_reward=judge)
