@@ -13,8 +13,8 @@ Per answer (greedy, through `generation.generate_text`, the toolkit's one genera
                           (`evaluators.refusal.string_match_refusal`), a transparent anchor
     judge_class           full_compliance | partial_refusal | full_refusal, from a pluggable
                           `refusal_judge(prompts, answers) -> list of class names`; the default,
-                          `FrameworkRefusalJudge`, maps the framework's `refused` to full_refusal,
-                          else full_compliance (it never says partial_refusal)
+                          `FrameworkRefusalJudge`, is the framework's `refusal_class` (its learned
+                          classifier when loaded, else the rules: full_refusal / full_compliance)
     harmful               the framework's `EvaluationResult.harmful` (a harm principle failed and
                           the answer does not decline)
 Every rate (per kind, and per prompt `type` when a set has several) comes with a Wilson 95%

@@ -371,7 +371,8 @@ class Pipeline:
     def benchmark_refusal_judge(self):
         """The refusal judge of the benchmarks: a callable (prompts, answers) -> one of
         full_compliance / partial_refusal / full_refusal per answer. None: the framework's refusal
-        detector (benchmarks.FrameworkRefusalJudge). A learned classifier plugs in here."""
+        class (benchmarks.FrameworkRefusalJudge), i.e. the `refusal_classifier` of the config. Another
+        judge (a stronger classifier, a chat model) plugs in here."""
         return None
 
     def run_evaluate(self) -> dict:
