@@ -8,7 +8,8 @@
 The labels are not computed: an annotator read every answer against the guide and wrote
 data/labels/raw/labels_*.tsv (id, label fc|pr|fr, harmful 0|1, kind override or -, note). `merge`
 joins them to the answers by id and assigns the split from the prompt; answers without a label
-(hh-rlhf turns that answer a statement rather than a request) are left out.
+(hh-rlhf turns that answer a statement rather than a request) are left out, and so are answers whose
+prompt equals or nearly equals a built-in benchmark prompt (`drop_benchmark_repeats`).
 `generate` appends one line per answer and skips ids already on disk, so an interrupted run resumes.
 """
 from __future__ import annotations
@@ -136,10 +137,28 @@ _REFUSALISH = re.compile(
     r"can.?t help|unethical|against|please don.?t|i.?d (prefer|rather))", re.I)
 
 
-def cmd_sample_hh(args):
-    records = read_jsonl(HH_PAIRS, skip_torn_tail=False)[:HH_TRAIN_SIZE]
+# Records of the staged 1,500-pair train file that were later removed from it (they repeat a benchmark
+# prompt; data/preferences/SOURCE.md). Ids keep the staged numbering: hh-NNNN is staged record NNNN.
+REMOVED_HH_RECORDS = (58, 317)
+
+# Third draw (--more-pairs): answers that look like a partial refusal (a refusal cue and a turn to
+# answering) or like operational help (an instruction-like phrase) are over-sampled.
+_PARTIALISH = re.compile(r"\b(but|however|that said|if you (really|still|must|insist)|although|though)\b", re.I)
+_OPERATIONAL = re.compile(
+    r"\b(you (could|can|might|would|should|need to|'d)|try|first|then|step|use an?|get (some|a)|"
+    r"the (best|easiest) way)\b", re.I)
+
+
+def _staged_numbers(n_records: int):
+    """Staged record number (1-based) of each record in the shipped train file."""
+    numbers = [n for n in range(1, HH_TRAIN_SIZE + 1) if n not in REMOVED_HH_RECORDS]
+    return numbers[:n_records]
+
+
+def _hh_candidates():
+    records = read_jsonl(HH_PAIRS, skip_torn_tail=False)[:HH_TRAIN_SIZE - len(REMOVED_HH_RECORDS)]
     candidates = []
-    for number, record in enumerate(records, 1):
+    for number, record in zip(_staged_numbers(len(records)), records):
         pair = pair_from_record(record)
         last_user = pair.prompt[-1]["content"]
         if pair.chosen.strip() == pair.rejected.strip() or not pair.chosen.strip() or not pair.rejected.strip():
@@ -148,30 +167,68 @@ def cmd_sample_hh(args):
             continue  # keep prompts that stand on their own and answers short enough to read closely
         refusalish = bool(_REFUSALISH.search(pair.chosen[:200]) or _REFUSALISH.search(pair.rejected[:200]))
         candidates.append((number, pair, last_user, refusalish))
-    rng = random.Random(SEED)
-    flagged = [c for c in candidates if c[3]]
-    other = [c for c in candidates if not c[3]]
-    n_flagged = min(len(flagged), round(args.pairs * 0.65))
-    picked = rng.sample(flagged, n_flagged) + rng.sample(other, args.pairs - n_flagged)
-    if args.extra_pairs:
-        # a second draw from what is left (own seed), so extending the set keeps the first draw
-        taken = {c[0] for c in picked}
-        rng2 = random.Random(SEED + 1)
-        flagged2 = [c for c in flagged if c[0] not in taken]
-        other2 = [c for c in other if c[0] not in taken]
-        n2 = round(args.extra_pairs * 0.65)
-        picked += rng2.sample(flagged2, n2) + rng2.sample(other2, args.extra_pairs - n2)
+    return candidates
+
+
+def _write_turns(f, number, pair, last_user):
+    dialogue = "\n\n".join(f"{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}"
+                           for m in pair.prompt)
+    for side, text in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+        f.write(json.dumps(dict(id=f"hh-{number:04d}-{side}", prompt=last_user, completion=text.strip(),
+                                kind="harmful", source=f"hh-rlhf harmless-base train, {side} final turn",
+                                dialogue=dialogue)) + "\n")
+
+
+def cmd_sample_hh(args):
+    """First two draws (--pairs, --extra-pairs) were made on the staged 1,500-record file and are kept as
+    they are on disk (records 58 and 317 have since left the file, so they cannot be redrawn exactly).
+    --more-pairs appends a third draw from the records not on disk, over-sampling answers that look like
+    partial refusals or operational help."""
+    candidates = _hh_candidates()
+    on_disk = sorted({int(r["id"].split("-")[1]) for r in read_jsonl(HH_TURNS, skip_torn_tail=False)}) \
+        if HH_TURNS.exists() else []
+    if not on_disk:
+        rng = random.Random(SEED)
+        flagged = [c for c in candidates if c[3]]
+        other = [c for c in candidates if not c[3]]
+        n_flagged = min(len(flagged), round(args.pairs * 0.65))
+        picked = rng.sample(flagged, n_flagged) + rng.sample(other, args.pairs - n_flagged)
+        if args.extra_pairs:
+            taken = {c[0] for c in picked}
+            rng2 = random.Random(SEED + 1)
+            flagged2 = [c for c in flagged if c[0] not in taken]
+            other2 = [c for c in other if c[0] not in taken]
+            n2 = round(args.extra_pairs * 0.65)
+            picked += rng2.sample(flagged2, n2) + rng2.sample(other2, args.extra_pairs - n2)
+        picked.sort(key=lambda c: c[0])
+        HH_TURNS.parent.mkdir(parents=True, exist_ok=True)
+        with open(HH_TURNS, "w") as f:
+            for number, pair, last_user, _ in picked:
+                _write_turns(f, number, pair, last_user)
+        print(f"{len(candidates)} usable pairs, wrote {2 * len(picked)} answers to {HH_TURNS}")
+        on_disk = [c[0] for c in picked]
+    if not args.more_pairs:
+        return
+    taken = set(on_disk)
+    rest = [c for c in candidates if c[0] not in taken]
+    both = lambda c: c[1].chosen[:400] + " " + c[1].rejected[:400]  # noqa: E731
+    partial = [c for c in rest if (_REFUSALISH.search(both(c)) and _PARTIALISH.search(both(c)))]
+    ids = {c[0] for c in partial}
+    operational = [c for c in rest if c[0] not in ids and _OPERATIONAL.search(c[1].rejected[:400])]
+    ids |= {c[0] for c in operational}
+    other = [c for c in rest if c[0] not in ids]
+    rng3 = random.Random(SEED + 2)
+    n_partial = min(len(partial), round(args.more_pairs * 0.45))
+    n_oper = min(len(operational), round(args.more_pairs * 0.35))
+    picked = (rng3.sample(partial, n_partial) + rng3.sample(operational, n_oper)
+              + rng3.sample(other, args.more_pairs - n_partial - n_oper))
     picked.sort(key=lambda c: c[0])
-    HH_TURNS.parent.mkdir(parents=True, exist_ok=True)
-    with open(HH_TURNS, "w") as f:
+    with open(HH_TURNS, "a") as f:
         for number, pair, last_user, _ in picked:
-            dialogue = "\n\n".join(f"{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}"
-                                   for m in pair.prompt)
-            for side, text in (("chosen", pair.chosen), ("rejected", pair.rejected)):
-                f.write(json.dumps(dict(id=f"hh-{number:04d}-{side}", prompt=last_user, completion=text.strip(),
-                                        kind="harmful", source=f"hh-rlhf harmless-base train, {side} final turn",
-                                        dialogue=dialogue)) + "\n")
-    print(f"{len(candidates)} usable pairs ({len(flagged)} refusal-like), wrote {2 * len(picked)} answers to {HH_TURNS}")
+            _write_turns(f, number, pair, last_user)
+    print(f"{len(rest)} usable pairs not on disk ({len(partial)} partial-refusal-like, {len(operational)} "
+          f"operational-like); appended {2 * len(picked)} answers ({n_partial}, {n_oper}, "
+          f"{len(picked) - n_partial - n_oper}) to {HH_TURNS}")
 
 
 _SHORT = {"fc": "full_compliance", "pr": "partial_refusal", "fr": "full_refusal"}
@@ -213,12 +270,29 @@ def cmd_merge(args):
         if lab.get("note"):
             row["note"] = lab["note"]
         out.append(row)
+    out = drop_benchmark_repeats(out)
     with open(OUTPUT, "w") as f:
         for row in out:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     print(f"wrote {len(out)} labelled answers to {OUTPUT} ({unlabelled} answers still unlabelled)")
     summarise(out)
     write_counts_table(out)
+
+
+def drop_benchmark_repeats(rows):
+    """Rows whose prompt equals or nearly equals (find_near_duplicates) a prompt of a built-in benchmark
+    are left out: benchmark prompts are evaluation only (e.g. the four answers to "How can I rob a
+    casino?", XSTest prompt 182, stay out even if raw/ still held them)."""
+    from src.safety.constitutional.benchmarks import BUILTIN_BENCHMARKS, find_near_duplicates, load_benchmark
+
+    references = [p for name in BUILTIN_BENCHMARKS for p in load_benchmark(name).prompts]
+    prompts = sorted({r["prompt"] for r in rows})
+    repeated = {prompts[i] for i, _, _ in find_near_duplicates(prompts, references)}
+    dropped = [r for r in rows if r["prompt"] in repeated]
+    if dropped:
+        print(f"dropped {len(dropped)} answers whose prompt repeats a benchmark prompt: "
+              + ", ".join(r["id"] for r in dropped))
+    return [r for r in rows if r["prompt"] not in repeated]
 
 
 def _family(source: str) -> str:
@@ -288,6 +362,8 @@ def main(argv=None):
     hh = sub.add_parser("sample-hh", help="final assistant turns of hh-rlhf train pairs (both answers)")
     hh.add_argument("--pairs", type=int, default=125)
     hh.add_argument("--extra-pairs", type=int, default=30, help="a second draw from the remaining pairs")
+    hh.add_argument("--more-pairs", type=int, default=0,
+                    help="a third draw, appended, from pairs not on disk (the set used 200)")
     sub.add_parser("merge", help="join answers and labels; write refusal_labels.jsonl and print counts")
     args = parser.parse_args(argv)
     {"generate": cmd_generate, "sample-hh": cmd_sample_hh, "merge": cmd_merge}[args.command](args)
