@@ -281,7 +281,7 @@ class FrameworkRefusalJudge:
     loaded, else the rules' regexes as full_refusal / full_compliance). Any callable with the same
     signature (prompts, answers) -> list of REFUSAL_CLASSES plugs in instead."""
 
-    name = "framework refusal detector"
+    name = "the framework's refusal class"
 
     def __init__(self, framework):
         self.framework = framework
