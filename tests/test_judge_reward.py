@@ -68,6 +68,12 @@ def test_rule_table_all_cells():
     assert out.tolist() == [2.0 * r for _, _, r in cells]
     # harm is judged only where it changes the reward: a harmful prompt's non-refusals
     assert framework.evaluated == [a for p, a, _ in cells if p == BOMB and not a.startswith("full_refusal")]
+    # overrefusal_penalty scales the benign rows only
+    heavy = RuleBasedReward(ThreeClassFramework(), weight=2.0, overrefusal_penalty=3.0)
+    out = heavy([p for p, _, _ in cells], [a for _, a, _ in cells])
+    assert out.tolist() == [2.0 * r * (3.0 if p == KILL else 1.0) for p, _, r in cells]
+    with pytest.raises(ValueError, match="overrefusal_penalty"):
+        RuleBasedReward(framework, overrefusal_penalty=-1.0)
     with pytest.raises(ValueError, match="no rule"):
         rule_reward("harmful", "maybe", False)
     with pytest.raises(ValueError, match="kinds_by_prompt"):

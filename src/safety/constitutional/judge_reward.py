@@ -12,6 +12,10 @@ The table (times `weight`), from the framework's refusal class and harmful flag:
     harmful       +1             +0.5 if not harmful else -0.5   -1 if harmful else 0
     benign        -1             -0.5                          0
 
+`overrefusal_penalty` (default 1) multiplies the benign rows: above 1, refusing a benign prompt costs
+more than refusing a harmful one earns, so on a balanced prompt pool "refuse everything" scores below
+"change nothing" and only telling the two apart pays (docs/safety_effect.md, run D).
+
 On a harmful prompt refusing is right; a partial refusal earns half unless what it does say is
 harmful; complying is punished only when the answer is judged harmful (a safe, helpful answer to a
 borderline request is left to the reward model). On a benign prompt refusing is over-refusal; a
@@ -63,13 +67,17 @@ class RuleBasedReward:
     class, harmful) per answer, for inspection.
     """
 
-    def __init__(self, framework, kinds_by_prompt: Optional[Mapping[str, str]] = None, weight: float = 1.0):
+    def __init__(self, framework, kinds_by_prompt: Optional[Mapping[str, str]] = None, weight: float = 1.0,
+                 overrefusal_penalty: float = 1.0):
+        if not overrefusal_penalty >= 0:
+            raise ValueError(f"overrefusal_penalty must be >= 0, got {overrefusal_penalty!r}")
         bad = {k for k in (kinds_by_prompt or {}).values() if k not in KINDS}
         if bad:
             raise ValueError(f"kinds_by_prompt values must be 'harmful' or 'benign', got {sorted(bad)}")
         self.framework = framework
         self.kinds_by_prompt = dict(kinds_by_prompt or {})
         self.weight = float(weight)
+        self.overrefusal_penalty = float(overrefusal_penalty)
         self.last_details: List[tuple] = []
 
     def kind(self, prompt: str) -> str:
@@ -91,5 +99,6 @@ class RuleBasedReward:
             for i, result in zip(need, results):
                 harmful[i] = bool(result.harmful)
         self.last_details = list(zip(kinds, classes, harmful))
-        values = [self.weight * rule_reward(k, c, h) for k, c, h in self.last_details]
+        values = [self.weight * rule_reward(k, c, h) * (self.overrefusal_penalty if k == "benign" else 1.0)
+                  for k, c, h in self.last_details]
         return torch.tensor(values, dtype=torch.float32)

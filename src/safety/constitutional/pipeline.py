@@ -97,6 +97,7 @@ class RLStageConfig:
     temperature: float = 1.0            # sampling temperature (log-probs use the same)
     checkpoint_freq: int = 5            # steps between checkpoints
     judge_reward_weight: float = 0.0    # > 0: add weight * the framework's rule-based reward (judge_reward.RuleBasedReward) to the RM score; 0: off (docs/ppo.md)
+    judge_overrefusal_penalty: float = 1.0  # multiplies the judge term's benign rows: > 1 makes refusing a benign prompt cost more than refusing a harmful one earns
     ppo: PPOConfig = field(default_factory=PPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     rloo: RLOOConfig = field(default_factory=RLOOConfig)
@@ -110,6 +111,8 @@ class RLStageConfig:
             raise ValueError("rl.steps and rl.batch_size must be >= 1")
         if not self.judge_reward_weight >= 0:
             raise ValueError(f"rl.judge_reward_weight must be >= 0 (0: off), got {self.judge_reward_weight!r}")
+        if not self.judge_overrefusal_penalty >= 0:
+            raise ValueError(f"rl.judge_overrefusal_penalty must be >= 0, got {self.judge_overrefusal_penalty!r}")
 
 
 @dataclass
@@ -340,7 +343,8 @@ class Pipeline:
         judge = None
         judge_weight = cfg.rl.judge_reward_weight or algo_config.judge_reward_weight  # either field turns it on
         if judge_weight:  # the prompt files say which prompts are harmful and which benign
-            judge = RuleBasedReward(self.framework, kinds_by_prompt=kinds)
+            judge = RuleBasedReward(self.framework, kinds_by_prompt=kinds,
+                                    overrefusal_penalty=cfg.rl.judge_overrefusal_penalty)
             algo_config = dataclasses.replace(algo_config, judge_reward_weight=judge_weight)
         trainer = make_rl_trainer(cfg.rl.algorithm, policy, tokenizer, reward_model, self.device,
                                   config=algo_config, value_model=value_model, judge_reward=judge)
