@@ -46,7 +46,6 @@ from dataclasses import fields
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 if __name__ == "__main__":  # before torch loads: restart once with glibc keeping freed memory (src/allocator.py)
     from src.allocator import keep_freed_memory

@@ -19,11 +19,9 @@ import hashlib
 import json
 import random
 import re
-import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from src.safety.constitutional.evaluators.refusal import REFUSAL_CLASSES  # noqa: E402
 from src.safety.constitutional.hh_rlhf import HH_TRAIN_SIZE, pair_from_record  # noqa: E402

@@ -12,10 +12,8 @@ The benign sets are hand-written and not built here (see data/prompts/SOURCE.md)
 """
 import argparse
 import re
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from src.safety.constitutional.hh_rlhf import load_pairs, red_team_prompts  # noqa: E402
 from src.safety.constitutional.io import atomic_write_jsonl  # noqa: E402

@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
 if __name__ == "__main__":  # before torch loads: restart once with glibc keeping freed memory (src/allocator.py)
     from src.allocator import keep_freed_memory

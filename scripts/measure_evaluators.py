@@ -22,7 +22,6 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from src.safety.constitutional.judge_report import (  # noqa: E402
     EvaluatorOptions, available_evaluators, load_answer_set, load_pair_set, render_markdown, run_report,

@@ -2,11 +2,8 @@
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from src.models.loading import ModelNotFoundError, provision_default_model  # noqa: E402
+from src.models.loading import ModelNotFoundError, provision_default_model
 
 
 def main() -> int:

@@ -16,11 +16,9 @@ Measure the results with scripts/measure_evaluators.py on held-out data (docs/ev
 """
 import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 

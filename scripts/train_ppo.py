@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 if __name__ == "__main__":  # before torch loads: restart once with glibc keeping freed memory (src/allocator.py)
     from src.allocator import keep_freed_memory

@@ -9,11 +9,9 @@ pairwise accuracy on split="heldout", which it never trains on.
 """
 import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from src.safety.constitutional.evaluators.classifier import (DEFAULT_WEIGHTS, LABELLED_PAIRS,  # noqa: E402
                                                              SentenceEmbedder, read_labelled_pairs,

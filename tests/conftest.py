@@ -1,12 +1,10 @@
 """Shared fixtures: the real tokenizer, a tiny random Llama built on it, and the real default model."""
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 from src.models import build_tiny_llama, configure_threads, load_causal_lm, load_tokenizer  # noqa: E402

@@ -9,7 +9,7 @@ import pytest
 from src.allocator import ALLOCATOR_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
-PROBE = ("import os, sys; sys.path.insert(0, {root!r}); print('start', flush=True); "
+PROBE = ("import os; print('start', flush=True); "
          "from src.allocator import keep_freed_memory; keep_freed_memory(); "
          "print(os.environ.get('MALLOC_TRIM_THRESHOLD_'), os.environ.get('MALLOC_MMAP_THRESHOLD_'))")
 

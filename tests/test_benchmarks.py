@@ -197,6 +197,7 @@ def test_run_on_tiny_model_writes_csv_json_png(tiny_model, tokenizer, framework,
     assert "rl − base [95% CI], p" in table and "No difference between the models is significant" in table
 
 
+@pytest.mark.slow
 def test_cli_benchmark_with_compare_to(tmp_path, tiny_model_dir):
     out = subprocess.run([sys.executable, "scripts/evaluate_compliance.py", "--benchmark", "advbench",
                           "--model", str(tiny_model_dir), "--compare-to", str(tiny_model_dir), "--limit", "3",

@@ -12,7 +12,6 @@ from src.safety.constitutional import distributed as ddp
 from src.safety.constitutional.reward_training import RewardTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import distributed_worker as worker  # noqa: E402
 
 
@@ -37,6 +36,7 @@ def test_shard_splits_deterministically_in_blocks(monkeypatch):
     assert ddp.shard([0, 1]) == []  # fewer items than ranks: an empty share
 
 
+@pytest.mark.slow
 def test_two_processes_stay_in_sync_and_match_one_process(tokenizer, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CAI_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",

@@ -8,6 +8,7 @@ PROMPTS = ["Name a colour.", "What is two plus two? Answer with a number and exp
            "Say hi"]
 
 
+@pytest.mark.slow
 def test_batched_greedy_equals_one_by_one(default_model):
     model, tok = default_model
     cfg = GenerationConfig(max_new_tokens=12, do_sample=False, batch_size=8)

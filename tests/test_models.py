@@ -29,6 +29,7 @@ def test_cached_default_model_is_reused_not_reconverted():
     assert weights.stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_concurrent_first_runs_convert_once(tmp_path):
     # Two processes provision an empty cache at once: the file lock makes the second wait and reuse.
     code = ("import os; from src.models.loading import provision_default_model, default_model_dir; "

@@ -19,6 +19,7 @@ def smoke_run(tmp_path_factory):
     return out, results
 
 
+@pytest.mark.slow
 def test_smoke_pipeline_writes_every_artifact(smoke_run):
     out, results = smoke_run
     assert list(results) == ["sft", "reward", "rl", "evaluate"]
@@ -61,6 +62,7 @@ def test_scientific_notation_without_a_dot_is_a_number():
         load_pipeline_config("smoke", overrides=["rl.ppo.learning_rate=fast"])
 
 
+@pytest.mark.slow
 def test_cli_help_documents_every_option():
     out = subprocess.run([sys.executable, "scripts/train_constitutional.py", "--help"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout

@@ -30,7 +30,6 @@ from src.safety.constitutional.reward_training import RewardTrainer, RewardTrain
 from src.safety.constitutional.sft import SFTConfig, SFTTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reliability_worker as worker  # noqa: E402
 
 FINAL_STEP = {"sft": 4, "rm": 4, "ppo": 4}
@@ -62,6 +61,7 @@ def precision(request):
     set_precision(None)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted_run(tokenizer, tmp_path, one_thread, precision):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CAI_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
            "CAI_PRECISION": precision}
@@ -98,6 +98,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tokenizer, tmp_path, one_t
 
 # -- Ctrl-C: the step finishes, a checkpoint is written, the run resumes exactly ---------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sft", "ppo"])
 def test_ctrl_c_saves_a_checkpoint_and_resume_is_exact(stage, tokenizer, tmp_path, monkeypatch, one_thread):
     hook = {"sft": (SFTTrainer, "_log"), "ppo": (PPOTrainer, "train_step")}[stage]
