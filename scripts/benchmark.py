@@ -19,6 +19,8 @@ the machine hits both alike):
               (ours vs trl.experimental.ppo.PPOTrainer, see below)
   judge       seconds to judge 1,000 answers (the labelled answers in data/labels, cycled) with the
               pipeline's default framework: rules + harm judge + refusal classifier
+  pipeline    seconds per stage of the whole pipeline (`default` preset, every stage) on a small fixed
+              workload (PIPELINE_WORKLOAD: 8 prompts per stage, 2 RL steps, 8 benchmark prompts)
 Each line carries the peak memory of its run (RSS on CPU, torch.cuda.max_memory_allocated on GPU)
 and `mfu`: achieved model FLOP/s over the measured matmul rate, with FLOPs per token 2N forward and
 6N forward+backward, N counting every matmul weight including the LM head (not the embedding lookup).
@@ -61,7 +63,7 @@ from src.models.checkpointing import enable_gradient_checkpointing  # noqa: E402
 from src.models.heads import RewardModel  # noqa: E402
 from src.models.precision import compute_dtype, set_precision  # noqa: E402
 
-SECTIONS = ("matmul", "generation", "reward", "sft", "ppo", "judge")
+SECTIONS = ("matmul", "generation", "reward", "sft", "ppo", "judge", "pipeline")
 PAIRS_PATH = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz"
 
 # Fixed prompts: the same work every run, varied lengths so that padding is realistic.
@@ -761,9 +763,37 @@ def section_judge(b: Bench):
                   "refused": sum(r.refused for r in results), "peak_mem_mb": pm.peak_mb})
 
 
+# The default preset cut to a fixed small workload: every stage's code path, seconds instead of an hour.
+PIPELINE_WORKLOAD = ["data.num_sft_prompts=8", "data.num_preference_prompts=8", "data.num_human_pairs=64",
+                     "data.num_rl_prompts=8", "data.num_rl_benign_prompts=8", "data.num_eval_prompts=8",
+                     "rl.steps=2", "rl.checkpoint_freq=2", "evaluation.benchmark_limit=8"]
+PIPELINE_SMALL = ["model=tiny", "evaluation.benchmark_limit=2", "rl.steps=1", "data.num_human_pairs=8",
+                  "evaluators=[rules]", "refusal_classifier=null", "critique.generation.max_new_tokens=8",
+                  "preferences.generation.max_new_tokens=8", "evaluation.max_new_tokens=8",
+                  "evaluation.benchmark_max_new_tokens=8"]  # plumbing only (tests)
+
+
+def section_pipeline(b: Bench):
+    """The whole pipeline (the `default` preset on --model, every stage) on PIPELINE_WORKLOAD: seconds per
+    stage, so that a regression in any stage shows; --small runs it on the tiny model."""
+    from src.safety.constitutional.pipeline import Pipeline, load_pipeline_config
+
+    overrides = PIPELINE_WORKLOAD + (PIPELINE_SMALL if b.small else [f"model={b.args.model}"])
+    config = load_pipeline_config("default", None, overrides + [f"output_dir={b.tmp / 'pipeline'}",
+                                                                f"device={b.device.type}"])
+    with PeakMemory(b.device) as pm, quiet():
+        t0, c0 = time.perf_counter(), time.process_time()
+        results = Pipeline(config).run()
+        total, cpu = time.perf_counter() - t0, time.process_time() - c0
+    for stage, summary in results.items():
+        yield _round({"section": "pipeline", "stage": stage, "seconds": summary["seconds"]})
+    yield _round({"section": "pipeline", "stage": "total", "seconds": total, "cpu_seconds": cpu,
+                  "workload": overrides, "peak_mem_mb": pm.peak_mb})
+
+
 SECTION_FNS = {"matmul": section_matmul, "generation": section_generation, "reward": section_reward,
                "sft": section_sft, "ppo": section_ppo,
-               "judge": section_judge}
+               "judge": section_judge, "pipeline": section_pipeline}
 
 
 # --------------------------------------------------------------------------------------------------

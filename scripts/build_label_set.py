@@ -370,6 +370,8 @@ def main(argv=None):
                     help="a third draw, appended, from pairs not on disk (the set used 200)")
     sub.add_parser("merge", help="join answers and labels; write refusal_labels.jsonl and print counts")
     args = parser.parse_args(argv)
+    from src.models import configure_threads
+    configure_threads()  # $CAI_NUM_THREADS or one thread per available core (src/models/device.py)
     {"generate": cmd_generate, "sample-hh": cmd_sample_hh, "merge": cmd_merge}[args.command](args)
 
 

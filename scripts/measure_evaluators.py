@@ -62,6 +62,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    from src.models import configure_threads
+    configure_threads()  # $CAI_NUM_THREADS or one thread per available core (src/models/device.py)
     if args.pairs is not None:
         data = load_pair_set(args.pairs, split=args.split, limit=args.limit)
     else:

@@ -116,6 +116,8 @@ def main(argv=None):
     parser.add_argument("--refusal-output", type=Path, default=DEFAULT_REFUSAL_WEIGHTS)
     parser.add_argument("--harm-output", type=Path, default=DEFAULT_HARM_WEIGHTS)
     args = parser.parse_args(argv)
+    from src.models import configure_threads
+    configure_threads()  # $CAI_NUM_THREADS or one thread per available core (src/models/device.py)
     logging.basicConfig(level=logging.WARNING)
     if args.only in (None, "refusal"):
         train_refusal(args)

@@ -32,6 +32,8 @@ def main(argv=None):
     parser.add_argument("--C", type=float, default=0.2, help="inverse L2 strength of the logistic regression")
     parser.add_argument("--output", type=Path, default=DEFAULT_WEIGHTS)
     args = parser.parse_args(argv)
+    from src.models import configure_threads
+    configure_threads()  # $CAI_NUM_THREADS or one thread per available core (src/models/device.py)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     train = load_pairs(args.pairs, split="train")

@@ -23,7 +23,7 @@ def test_generation_section_prints_expected_fields_and_a_failing_section_is_isol
     out_file = tmp_path / "bench.jsonl"
     threads = torch.get_num_threads()
     try:
-        code = benchmark.main(["--only", "reward,generation", "--model", str(tiny_model_dir), "--small",
+        code = benchmark.main(["--only", "reward,generation,pipeline", "--model", str(tiny_model_dir), "--small",
                                "--repeats", "1", "--threads", "1", "--output", str(out_file)])
     finally:
         torch.set_num_threads(threads)  # main() configures threads for the whole process
@@ -36,7 +36,7 @@ def test_generation_section_prints_expected_fields_and_a_failing_section_is_isol
     by_section = {}
     for line in lines:
         by_section.setdefault(line["section"], []).append(line)
-    assert set(by_section) == {"machine", "matmul", "generation", "reward"}
+    assert set(by_section) == {"machine", "matmul", "generation", "reward", "pipeline"}
     assert by_section["machine"][0]["threads"] == 1
     assert by_section["matmul"][0]["gflops"] > 0
     gen = by_section["generation"]
@@ -46,6 +46,11 @@ def test_generation_section_prints_expected_fields_and_a_failing_section_is_isol
                     "params_for_flops"):
             assert g[key] > 0, (key, g)
         assert g["answer_tokens"] >= g["batch"]
+    # the whole pipeline, stage by stage: every stage ran (none skipped) and the stages add up to the total
+    stages = {p["stage"]: p for p in by_section["pipeline"]}
+    assert list(stages) == ["sft", "reward", "rl", "evaluate", "total"]
+    assert all(p["seconds"] > 0 for p in stages.values())
+    assert sum(stages[s]["seconds"] for s in ("sft", "reward", "rl", "evaluate")) <= stages["total"]["seconds"] + 0.5
 
 
 def test_unknown_section_is_rejected(capsys):
