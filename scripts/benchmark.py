@@ -19,6 +19,8 @@ the machine hits both alike):
               (ours vs trl.experimental.ppo.PPOTrainer, see below)
   judge       seconds to judge 1,000 answers (the labelled answers in data/labels, cycled) with the
               pipeline's default framework: rules + harm judge + refusal classifier
+  shared      a small train-like step alone and beside one single-threaded competing process, threads
+              fixed at one per core vs adaptive (src/models/threads.py): the busy-machine slowdown
   pipeline    seconds per stage of the whole pipeline (`default` preset, every stage) on a small fixed
               workload (PIPELINE_WORKLOAD: 8 prompts per stage, 2 RL steps, 8 benchmark prompts)
 Each line carries the peak memory of its run (RSS on CPU, torch.cuda.max_memory_allocated on GPU)
@@ -63,7 +65,7 @@ from src.models.checkpointing import enable_gradient_checkpointing  # noqa: E402
 from src.models.heads import RewardModel  # noqa: E402
 from src.models.precision import compute_dtype, set_precision  # noqa: E402
 
-SECTIONS = ("matmul", "generation", "reward", "sft", "ppo", "judge", "pipeline")
+SECTIONS = ("matmul", "generation", "reward", "sft", "ppo", "judge", "pipeline", "shared")
 PAIRS_PATH = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz"
 
 # Fixed prompts: the same work every run, varied lengths so that padding is realistic.
@@ -763,6 +765,69 @@ def section_judge(b: Bench):
                   "refused": sum(r.refused for r in results), "peak_mem_mb": pm.peak_mb})
 
 
+# Another job on the machine: one thread of matmuls, like a second training run with CAI_NUM_THREADS=1.
+COMPETITOR = "import torch\ntorch.set_num_threads(1)\na = torch.randn(512, 512)\nwhile True:\n    a @ a\n"
+
+
+def shared_child(mode: str, model_name: str, repeats: int, small: bool) -> None:
+    """In a fresh process: seconds per step of a small train-like workload (a generation batch, then a
+    forward, backward and AdamW step), threads fixed at one per core or adaptive (src/models/threads.py)."""
+    from src.models.threads import adapt_threads, available_cpus
+    from src.safety.constitutional.generation import GenerationConfig, generate
+
+    configure_threads(available_cpus() if mode == "fixed" else 0)
+    tokenizer = load_tokenizer(resolve_model_path(model_name))
+    model, _ = load_causal_lm(resolve_model_path(model_name))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
+    prompts = PROMPTS[:8]
+    config = GenerationConfig(max_new_tokens=8 if small else 24, do_sample=False, batch_size=8)
+
+    def step():
+        answers = generate(model, tokenizer, prompts, config).texts
+        model.train()
+        ids = tokenizer([p + " " + a for p, a in zip(prompts, answers)], return_tensors="pt", padding=True).input_ids
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        adapt_threads()
+
+    step()  # warm-up (and the governor's first window)
+    seconds, threads = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        seconds.append(time.perf_counter() - t0)
+        threads.append(torch.get_num_threads())
+    print(json.dumps({"step_s": seconds, "threads": threads}), flush=True)
+
+
+def section_shared(b: Bench):
+    """A busy machine: the same workload alone and beside one single-threaded competing process, with
+    threads fixed at one per core (what torch does by default) and adaptive (this toolkit's default)."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "CAI_NUM_THREADS"}
+    repeats = 1 if b.small else max(3, b.args.repeats)
+    for mode in ("fixed", "adaptive"):
+        alone = None
+        for other in (False, True):
+            competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR]) if other else None
+            try:
+                out = subprocess.run([sys.executable, __file__, "--shared-child", mode, "--model", b.args.model,
+                                      "--repeats", str(repeats)] + (["--small"] if b.small else []),
+                                     env=env, capture_output=True, text=True, check=True)
+            finally:
+                if competitor is not None:
+                    competitor.kill()
+                    competitor.wait()
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            step_s = median(result["step_s"])
+            alone = step_s if not other else alone
+            yield _round({"section": "shared", "threads": mode, "other_process": other, "step_s": step_s,
+                          "threads_used": result["threads"],
+                          **({"slowdown_vs_alone": step_s / alone} if other else {})})
+
+
 # The default preset cut to a fixed small workload: every stage's code path, seconds instead of an hour.
 PIPELINE_WORKLOAD = ["data.num_sft_prompts=8", "data.num_preference_prompts=8", "data.num_human_pairs=64",
                      "data.num_rl_prompts=8", "data.num_rl_benign_prompts=8", "data.num_eval_prompts=8",
@@ -793,7 +858,7 @@ def section_pipeline(b: Bench):
 
 SECTION_FNS = {"matmul": section_matmul, "generation": section_generation, "reward": section_reward,
                "sft": section_sft, "ppo": section_ppo,
-               "judge": section_judge, "pipeline": section_pipeline}
+               "judge": section_judge, "pipeline": section_pipeline, "shared": section_shared}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -851,6 +916,7 @@ def parse_args(argv=None):
                    help="PPO only: LoRA of this rank on the policy, both sides (TRL through peft_config); 0: off")
     p.add_argument("--small", action="store_true", help="tiny workloads (for tests and quick checks)")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failing sections")
+    p.add_argument("--shared-child", choices=("fixed", "adaptive"), help=argparse.SUPPRESS)  # section_shared's worker
     args = p.parse_args(argv)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     args.trl = args.trl or args.trl_only
@@ -866,6 +932,9 @@ def main(argv=None) -> int:
     global _VERBOSE
     args = parse_args(argv)
     _VERBOSE = args.verbose
+    if args.shared_child:
+        shared_child(args.shared_child, args.model, args.repeats, args.small)
+        return 0
     emit = Emitter(args.output)
     b = Bench(args)
     if args.trl:

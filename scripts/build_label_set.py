@@ -371,7 +371,7 @@ def main(argv=None):
     sub.add_parser("merge", help="join answers and labels; write refusal_labels.jsonl and print counts")
     args = parser.parse_args(argv)
     from src.models import configure_threads
-    configure_threads()  # $CAI_NUM_THREADS or one thread per available core (src/models/device.py)
+    configure_threads()  # $CAI_NUM_THREADS, else adaptive: the cores other processes leave free (src/models/threads.py)
     {"generate": cmd_generate, "sample-hh": cmd_sample_hh, "merge": cmd_merge}[args.command](args)
 
 

@@ -288,7 +288,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     args = parse_args(argv)
     from src.models import configure_threads
-    configure_threads()  # $CAI_NUM_THREADS or one thread per available core (src/models/device.py)
+    configure_threads()  # $CAI_NUM_THREADS, else adaptive: the cores other processes leave free (src/models/threads.py)
     try:
         if args.pairs is not None:
             return run_pairs(args)

@@ -63,7 +63,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from src.models import configure_threads
-    configure_threads()  # $CAI_NUM_THREADS or one thread per available core (src/models/device.py)
+    configure_threads()  # $CAI_NUM_THREADS, else adaptive: the cores other processes leave free (src/models/threads.py)
     if args.pairs is not None:
         data = load_pair_set(args.pairs, split=args.split, limit=args.limit)
     else:

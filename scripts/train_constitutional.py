@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     describe = argv is None and any(a in ("-h", "--help") for a in sys.argv[1:])
     args = build_parser(describe_all=describe).parse_args(argv)
     from src.models import configure_threads
-    configure_threads()  # $CAI_NUM_THREADS or one thread per available core (src/models/device.py)
+    configure_threads()  # $CAI_NUM_THREADS, else adaptive: the cores other processes leave free (src/models/threads.py)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from src.safety.constitutional.config_utils import ConfigError

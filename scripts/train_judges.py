@@ -117,7 +117,7 @@ def main(argv=None):
     parser.add_argument("--harm-output", type=Path, default=DEFAULT_HARM_WEIGHTS)
     args = parser.parse_args(argv)
     from src.models import configure_threads
-    configure_threads()  # $CAI_NUM_THREADS or one thread per available core (src/models/device.py)
+    configure_threads()  # $CAI_NUM_THREADS, else adaptive: the cores other processes leave free (src/models/threads.py)
     logging.basicConfig(level=logging.WARNING)
     if args.only in (None, "refusal"):
         train_refusal(args)

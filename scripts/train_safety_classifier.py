@@ -33,7 +33,7 @@ def main(argv=None):
     parser.add_argument("--output", type=Path, default=DEFAULT_WEIGHTS)
     args = parser.parse_args(argv)
     from src.models import configure_threads
-    configure_threads()  # $CAI_NUM_THREADS or one thread per available core (src/models/device.py)
+    configure_threads()  # $CAI_NUM_THREADS, else adaptive: the cores other processes leave free (src/models/threads.py)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     train = load_pairs(args.pairs, split="train")

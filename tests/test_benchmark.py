@@ -1,6 +1,7 @@
 """The benchmark runs and prints well-formed JSON lines (no timing assertions: timings are the point)."""
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ def test_generation_section_prints_expected_fields_and_a_failing_section_is_isol
     out_file = tmp_path / "bench.jsonl"
     threads = torch.get_num_threads()
     try:
-        code = benchmark.main(["--only", "reward,generation,pipeline", "--model", str(tiny_model_dir), "--small",
+        code = benchmark.main(["--only", "reward,generation,pipeline,shared", "--model", str(tiny_model_dir), "--small",
                                "--repeats", "1", "--threads", "1", "--output", str(out_file)])
     finally:
         torch.set_num_threads(threads)  # main() configures threads for the whole process
@@ -36,7 +37,7 @@ def test_generation_section_prints_expected_fields_and_a_failing_section_is_isol
     by_section = {}
     for line in lines:
         by_section.setdefault(line["section"], []).append(line)
-    assert set(by_section) == {"machine", "matmul", "generation", "reward", "pipeline"}
+    assert set(by_section) == {"machine", "matmul", "generation", "reward", "pipeline", "shared"}
     assert by_section["machine"][0]["threads"] == 1
     assert by_section["matmul"][0]["gflops"] > 0
     gen = by_section["generation"]
@@ -51,6 +52,12 @@ def test_generation_section_prints_expected_fields_and_a_failing_section_is_isol
     assert list(stages) == ["sft", "reward", "rl", "evaluate", "total"]
     assert all(p["seconds"] > 0 for p in stages.values())
     assert sum(stages[s]["seconds"] for s in ("sft", "reward", "rl", "evaluate")) <= stages["total"]["seconds"] + 0.5
+    # the busy-machine section: each thread mode alone and beside a competing process, in child processes
+    shared = [(r["threads"], r["other_process"]) for r in by_section["shared"]]
+    assert shared == [("fixed", False), ("fixed", True), ("adaptive", False), ("adaptive", True)]
+    for r in by_section["shared"]:
+        assert r["step_s"] > 0 and all(1 <= n <= os.cpu_count() for n in r["threads_used"])
+        assert ("slowdown_vs_alone" in r) == r["other_process"]
 
 
 def test_unknown_section_is_rejected(capsys):

@@ -5,8 +5,9 @@ from src.models import build_tiny_llama
 from src.safety.constitutional.checkpoint import load_checkpoint
 from src.safety.constitutional.generation import render_prompt
 from src.safety.constitutional.io import read_jsonl
+from src.safety.constitutional.optim import lr_factor
 from src.safety.constitutional.sft import (IGNORE_INDEX, SFTConfig, SFTTrainer, collate, length_bucketed_batches,
-                                           lr_factor, tokenize_example)
+                                           tokenize_example)
 
 RECORDS = [
     {"prompt": "How do I pick a lock?", "response": "I can't help with breaking into places."},
@@ -66,6 +67,9 @@ def test_lr_schedule_warms_up_then_decays():
     assert f[0] == 0.5 and f[1] == 1.0 and f[2] == 1.0
     assert all(x >= y for x, y in zip(f[2:], f[3:])) and f[-1] < 0.1
     assert lr_factor(9, 10, 0, "linear", 0.2) == pytest.approx(0.2 + 0.8 * (1 - 9 / 10))
+    assert [lr_factor(s, 10, 4, "constant") for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="schedule"):
+        lr_factor(0, 10, 0, "step")
 
 
 def test_loss_decreases_and_checkpoint_is_a_plain_hf_model(tiny_model, tokenizer, tmp_path):

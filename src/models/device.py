@@ -72,25 +72,3 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, e.g. under taskset or a container's cpuset)."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
-
-
-def configure_threads(num_threads: Optional[int] = None) -> int:
-    """One intra-op thread per available core, or $CAI_NUM_THREADS.
-
-    Never more threads than cores: every op ends at a barrier that waits for its slowest thread, so
-    a descheduled thread stalls them all. On a machine shared with other busy processes that is
-    dramatic: measured on 2 cores with ~12 runnable processes, a SmolLM2-135M forward took 7x
-    longer with 2 threads than with 1. Set CAI_NUM_THREADS=1 when several jobs share the cores.
-    """
-    if num_threads is None:
-        num_threads = int(os.environ.get("CAI_NUM_THREADS", 0)) or available_cpus()
-    torch.set_num_threads(max(1, num_threads))
-    return torch.get_num_threads()

@@ -23,13 +23,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from src.models.threads import adapt_threads
 from . import checkpoint as ckpt
 from .generation import GenerationConfig, encode_prompts, left_pad
 from .hh_rlhf import PreferencePair
 from .io import append_jsonl
 from .logprobs import sequence_logprobs
-from .optim import adamw
-from .ppo_trainer import LR_SCHEDULES, _lr_lambda, disable_dropout
+from .optim import LR_SCHEDULES, adamw, lr_scheduler
+from .ppo_trainer import disable_dropout
 from .rl_primitives import DPO_LOSS_TYPES, dpo_loss
 
 log = logging.getLogger(__name__)
@@ -175,8 +176,7 @@ class DPOTrainer:
         per_epoch = math.ceil(len(pairs) / cfg.batch_size)
         total = cfg.max_steps or cfg.num_epochs * per_epoch
         if self.scheduler is None:
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-                self.optimizer, _lr_lambda(cfg.lr_schedule, cfg.warmup_steps, total))
+            self.scheduler = lr_scheduler(self.optimizer, cfg.lr_schedule, cfg.warmup_steps, total)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         if self.ref_logps is None or len(self.ref_logps) != len(pairs):
@@ -237,6 +237,7 @@ class DPOTrainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        adapt_threads()  # src/models/threads.py: fewer threads while other processes use the cores
         self.policy.eval()
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()

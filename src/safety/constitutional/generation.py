@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from src.models.precision import sampling_twin
+from src.models.threads import adapt_threads
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +207,7 @@ def generate(
         idx = order[start:start + config.batch_size]
         p_ids, p_mask = left_pad([encoded[i] for i in idx], tokenizer.pad_token_id, device)
         p_texts = [all_texts[i] for i in idx]
+        adapt_threads()  # src/models/threads.py: fewer threads while other processes use the cores
         r_ids = _generate_batch(sampler, tokenizer, p_ids, p_mask, config, eos_ids)
         r_mask, finished = _response_mask(r_ids, eos_ids)
         r_ids = torch.where(r_mask.bool(), r_ids, tokenizer.pad_token_id)

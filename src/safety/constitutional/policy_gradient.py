@@ -34,6 +34,7 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import nn
 
+from src.models.threads import adapt_threads
 from . import distributed as ddp
 from .logprobs import sequence_logprobs
 from .ppo_trainer import PPOConfig, PPOTrainer, Rollout
@@ -292,6 +293,7 @@ class PolicyGradientTrainer(PPOTrainer):
             return None
         self.policy_optimizer.step()
         self.policy_optimizer.zero_grad(set_to_none=True)
+        adapt_threads()  # src/models/threads.py: fewer threads while other processes use the cores
         return {"policy_loss": loss.item(), "entropy": entropy_mean.item(), "policy_grad_norm": norm, **metrics}
 
 

@@ -41,6 +41,7 @@ from src.models.heads import (ScalarHeadModel, ValueModel, backbone_of, head_sco
                              position_ids_from_mask)
 from src.models.lora import adapters_disabled, add_lora
 from src.models.precision import autocast
+from src.models.threads import adapt_threads
 
 from . import checkpoint as ckpt
 from .generation import GenerationConfig, GenerationOutput, generate, to_messages, tokenize_prompts
@@ -48,7 +49,7 @@ from . import distributed as ddp
 from .interrupts import GracefulInterrupt, interrupted
 from .io import append_jsonl
 from .logprobs import selective_log_softmax, sequence_logprobs
-from .optim import adamw
+from .optim import LR_SCHEDULES, adamw, lr_scheduler
 from .rl_primitives import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, RunningMeanStd,
                             clipped_value_loss, compute_gae, conservative_kl_penalty, explained_variance,
                             kl_penalty, masked_mean, masked_whiten, ppo_policy_loss, update_reference)
@@ -57,7 +58,6 @@ log = logging.getLogger(__name__)
 
 REWARD_NORMALIZATIONS = ("auto", "running", "model", "none")
 REF_UPDATES = ("none", "copy", "ema")
-LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 class PPOTrainingError(RuntimeError):
@@ -208,19 +208,6 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _lr_lambda(schedule: str, warmup: int, total: int):
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if schedule == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return factor
-
-
 class PPOTrainer:
     """PPO with a value model, a frozen reference, GAE, per-token KL rewards and exact-resume checkpoints.
 
@@ -356,9 +343,9 @@ class PPOTrainer:
         return frozen.requires_grad_(False)
 
     def _build_schedulers(self, total_steps: int) -> None:
-        factor = _lr_lambda(self.config.lr_schedule, self.config.warmup_steps, total_steps)
-        self.policy_scheduler = torch.optim.lr_scheduler.LambdaLR(self.policy_optimizer, factor)
-        self.value_scheduler = torch.optim.lr_scheduler.LambdaLR(self.value_optimizer, factor)
+        cfg = self.config
+        self.policy_scheduler = lr_scheduler(self.policy_optimizer, cfg.lr_schedule, cfg.warmup_steps, total_steps)
+        self.value_scheduler = lr_scheduler(self.value_optimizer, cfg.lr_schedule, cfg.warmup_steps, total_steps)
 
     # -- frozen forwards ---------------------------------------------------------------------
     def _ref_and_scores(self, input_ids, attention_mask, response_len, temperature, prompt_texts, texts):
@@ -678,6 +665,7 @@ class PPOTrainer:
         self.value_optimizer.step()
         self.policy_optimizer.zero_grad(set_to_none=True)
         self.value_optimizer.zero_grad(set_to_none=True)
+        adapt_threads()  # src/models/threads.py: fewer threads while other processes use the cores
         return {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), "entropy": entropy_mean.item(),
                 "policy_grad_norm": p_norm, "value_grad_norm": v_norm, **metrics, **vf_metrics}
 

@@ -37,6 +37,7 @@ from src.models.attention import attention_for
 from src.models.heads import (RewardModel, backbone_of, head_scores, last_token_index, position_ids_from_mask,
                              score_head)
 from src.models.precision import autocast
+from src.models.threads import adapt_threads
 
 from . import distributed as ddp
 from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
@@ -44,7 +45,7 @@ from .generation import left_pad, render_prompt
 from .hh_rlhf import PreferencePair
 from .interrupts import GracefulInterrupt, interrupted
 from .io import append_jsonl, atomic_dir, atomic_write_json
-from .optim import adamw
+from .optim import adamw, lr_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -345,14 +346,9 @@ class RewardTrainer:
         groups = [g for g in ({"params": body, "lr": self.config.learning_rate},
                               {"params": head, "lr": head_lr}) if g["params"]]
         optimizer = adamw(groups, weight_decay=self.config.weight_decay)
+        # linear warm-up, then linear decay to 10% (optim.lr_factor, shared by every trainer)
         warmup = int(self.config.warmup_ratio * total_steps)
-
-        def schedule(step: int) -> float:  # linear warm-up, then linear decay to 10%
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            return max(0.1, 1 - 0.9 * (step - warmup) / max(1, total_steps - warmup))
-
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return optimizer, lr_scheduler(optimizer, "linear", warmup, total_steps, min_ratio=0.1)
 
     def _log(self, record: dict) -> None:
         self.history.append(record)
@@ -449,6 +445,7 @@ class RewardTrainer:
                         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
                         scheduler.step()
                     self.global_step += 1
+                    adapt_threads()  # src/models/threads.py: fewer threads while other processes use the cores
                     acc = ddp.all_reduce_mean(((r_c - r_r) > 0).float().mean().item() if local else 0.0)
                     loss_value = ddp.all_reduce_mean(loss.item()) if ok else 0.0
                     if local and ok:

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from src.models.checkpointing import enable_gradient_checkpointing
 from src.models.lora import add_lora
+from src.models.threads import adapt_threads
 
 from . import distributed as ddp
 from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
@@ -38,7 +39,7 @@ from .generation import render_prompt
 from .interrupts import GracefulInterrupt, interrupted
 from .io import append_jsonl
 from .logprobs import lm_logits
-from .optim import adamw
+from .optim import LR_SCHEDULES, adamw, lr_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +91,8 @@ class SFTConfig:
             raise ValueError(f"SFTConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"SFTConfig.eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.lr_schedule not in ("cosine", "linear", "constant"):
-            raise ValueError(f"SFTConfig.lr_schedule must be 'cosine', 'linear' or 'constant', "
-                             f"got {self.lr_schedule!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"SFTConfig.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"SFTConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.checkpoint_every < 0 or self.max_bad_steps < 0:
@@ -196,20 +196,6 @@ def split_eval(records: Sequence[dict], fraction: float, seed: int):
     return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float) -> float:
-    """Linear warm-up from lr/warmup to lr, then cosine/linear decay to min_ratio * lr."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if schedule == "cosine":
-        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
-    else:
-        decay = 1.0 - progress
-    return min_ratio + (1.0 - min_ratio) * decay
-
-
 def _fingerprint(examples: Sequence[SFTExample]) -> str:
     digest = hashlib.sha256()
     for e in examples:
@@ -300,8 +286,7 @@ class SFTTrainer:
         optimizer = adamw(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.learning_rate, betas=cfg.adam_betas)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, cfg.lr_schedule, cfg.min_lr_ratio))
+        scheduler = lr_scheduler(optimizer, cfg.lr_schedule, warmup_steps, total_steps, cfg.min_lr_ratio)
 
         state = {"step": 0, "bad_steps": 0, "train_loss": [], "eval_loss": [], "eval_loss_before": None,
                  "tokens_seen": 0}
@@ -415,6 +400,7 @@ class SFTTrainer:
             return {"loss": None, "grad_norm": None, "lr": lr, "skipped": True, "tokens": n_tokens}
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        adapt_threads()  # src/models/threads.py: fewer threads while other processes use the cores
         state["train_loss"].append([state["step"] + 1, total_loss])
         state["tokens_seen"] += n_tokens
         return {"loss": total_loss, "grad_norm": grad_norm, "lr": lr, "skipped": False, "tokens": n_tokens}

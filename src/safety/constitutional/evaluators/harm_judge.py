@@ -31,6 +31,8 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
+from src.models.threads import adapt_threads
+
 from ..constitution import REPO_ROOT
 from .base import Evaluator, PrincipleScore, make_score
 from .calibration import fit_temperature, sigmoid
@@ -98,6 +100,7 @@ class BackboneFeatures:
         out = np.zeros((len(items), self.dim), dtype=np.float32)
         device = next(self.backbone.parameters()).device
         for start in range(0, len(order), self.batch_size):
+            adapt_threads()  # src/models/threads.py: fewer threads while other processes use the cores
             idx = order[start:start + self.batch_size]
             ids, mask = left_pad([items[i][0] for i in idx], self.tokenizer.pad_token_id, device)
             hidden = self.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
