@@ -23,9 +23,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from src.models.threads import adapt_threads
 from . import checkpoint as ckpt
 from .generation import GenerationConfig, encode_prompts, left_pad
+from .guarded_step import clip_and_step, finite_on_all_ranks
 from .hh_rlhf import PreferencePair
 from .io import append_jsonl
 from .logprobs import sequence_logprobs
@@ -219,25 +219,14 @@ class DPOTrainer:
         loss, metrics = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], cfg.beta, cfg.label_smoothing,
                                  cfg.loss_type, self._labels(batch))
         self.optimizer.zero_grad(set_to_none=True)
-        grad_norm, skipped = float("nan"), False
-        if torch.isfinite(loss):
+        grad_norm, skipped = float("nan"), True
+        if finite_on_all_ranks(loss):
             loss.backward()
-            params = [p for p in self.policy.parameters() if p.grad is not None]
-            if cfg.max_grad_norm is not None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-            else:
-                grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad)
-                                                                        for p in params])))
-            skipped = not math.isfinite(grad_norm)
-        else:
-            skipped = True
+            (grad_norm,), stepped = clip_and_step([(self.policy, self.optimizer, cfg.max_grad_norm)])
+            skipped = not stepped
         if skipped:
             log.warning("dpo step %d: non-finite loss/gradient (loss %s, grad norm %s); update skipped",
                         self.step + 1, loss.item(), grad_norm)
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        adapt_threads()  # src/models/threads.py: fewer threads while other processes use the cores
         self.policy.eval()
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()

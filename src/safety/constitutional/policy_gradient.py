@@ -26,7 +26,6 @@ There is no value model: `value_model` must be None, and none is built.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, fields
 from typing import Dict, Optional, Sequence
@@ -34,8 +33,8 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import nn
 
-from src.models.threads import adapt_threads
 from . import distributed as ddp
+from .guarded_step import clip_and_step, finite_on_all_ranks
 from .logprobs import sequence_logprobs
 from .ppo_trainer import PPOConfig, PPOTrainer, Rollout
 from .rl_primitives import (conservative_kl_penalty, discounted_returns, group_advantages,
@@ -277,23 +276,14 @@ class PolicyGradientTrainer(PPOTrainer):
                            kl_violation=float(kl_ref_c.item() > cfg.conservative_kl_threshold))
 
         self.policy_optimizer.zero_grad(set_to_none=True)
-        if not ddp.all_true(bool(torch.isfinite(loss))):  # every rank skips together
+        if not finite_on_all_ranks(loss):  # every rank skips together
             log.warning("step %d: non-finite policy loss %s; update skipped", self.step + 1, loss.item())
             return None
         loss.backward()
-        ddp.sync_gradients(self.policy)  # mean over ranks (torchrun), before clipping; no-op in one process
-        params = [p for p in self.policy.parameters() if p.grad is not None]
-        if cfg.max_grad_norm is not None:
-            norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-        else:
-            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
-        if not math.isfinite(norm):
+        (norm,), stepped = clip_and_step([(self.policy, self.policy_optimizer, cfg.max_grad_norm)])
+        if not stepped:
             log.warning("step %d: non-finite gradient norm %s; update skipped", self.step + 1, norm)
-            self.policy_optimizer.zero_grad(set_to_none=True)
             return None
-        self.policy_optimizer.step()
-        self.policy_optimizer.zero_grad(set_to_none=True)
-        adapt_threads()  # src/models/threads.py: fewer threads while other processes use the cores
         return {"policy_loss": loss.item(), "entropy": entropy_mean.item(), "policy_grad_norm": norm, **metrics}
 
 

@@ -41,7 +41,6 @@ from src.models.heads import (ScalarHeadModel, ValueModel, backbone_of, head_sco
                              position_ids_from_mask)
 from src.models.lora import adapters_disabled, add_lora
 from src.models.precision import autocast
-from src.models.threads import adapt_threads
 
 from . import checkpoint as ckpt
 from .generation import GenerationConfig, GenerationOutput, generate, to_messages, tokenize_prompts
@@ -49,6 +48,7 @@ from . import distributed as ddp
 from .interrupts import GracefulInterrupt, interrupted
 from .io import append_jsonl
 from .logprobs import selective_log_softmax, sequence_logprobs
+from .guarded_step import clip_and_step, finite_on_all_ranks
 from .optim import LR_SCHEDULES, adamw, lr_scheduler
 from .rl_primitives import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, RunningMeanStd,
                             clipped_value_loss, compute_gae, conservative_kl_penalty, explained_variance,
@@ -645,27 +645,19 @@ class PPOTrainer:
 
         self.policy_optimizer.zero_grad(set_to_none=True)
         self.value_optimizer.zero_grad(set_to_none=True)
-        if not ddp.all_true(bool(torch.isfinite(policy_loss) and torch.isfinite(value_loss))):
+        if not finite_on_all_ranks(policy_loss, value_loss):
             log.warning("step %d: non-finite loss (policy %s, value %s); update skipped",
                         self.step + 1, policy_loss.item(), value_loss.item())
             return None
         policy_loss.backward()
         value_loss.backward()
-        ddp.sync_gradients(self.policy, self.value_model)  # mean over ranks, before clipping
-        p_norm = _grad_norm(self.policy, cfg.max_grad_norm)
-        v_norm = _grad_norm(self.value_model, cfg.value_max_grad_norm if cfg.value_max_grad_norm is not None
-                            else cfg.max_grad_norm)
-        if not (math.isfinite(p_norm) and math.isfinite(v_norm)):
+        v_max = cfg.value_max_grad_norm if cfg.value_max_grad_norm is not None else cfg.max_grad_norm
+        (p_norm, v_norm), stepped = clip_and_step([(self.policy, self.policy_optimizer, cfg.max_grad_norm),
+                                                   (self.value_model, self.value_optimizer, v_max)])
+        if not stepped:
             log.warning("step %d: non-finite gradient norm (policy %s, value %s); update skipped",
                         self.step + 1, p_norm, v_norm)
-            self.policy_optimizer.zero_grad(set_to_none=True)
-            self.value_optimizer.zero_grad(set_to_none=True)
             return None
-        self.policy_optimizer.step()
-        self.value_optimizer.step()
-        self.policy_optimizer.zero_grad(set_to_none=True)
-        self.value_optimizer.zero_grad(set_to_none=True)
-        adapt_threads()  # src/models/threads.py: fewer threads while other processes use the cores
         return {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), "entropy": entropy_mean.item(),
                 "policy_grad_norm": p_norm, "value_grad_norm": v_norm, **metrics, **vf_metrics}
 
@@ -904,17 +896,6 @@ class PPOTrainer:
         ids, attn, _, _, texts = self._encode(prompts, responses)
         return self._score(ids.to(_device_of(self.reward_model)), attn.to(_device_of(self.reward_model)),
                            list(prompts), texts).to(self.device)
-
-
-def _grad_norm(model: nn.Module, max_norm: Optional[float]) -> float:
-    params = [p for p in model.parameters() if p.grad is not None]
-    if not params:
-        return 0.0
-    if max_norm is None:
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
-    else:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return float(norm)
 
 
 __all__ = ["PPOConfig", "PPOTrainer", "PPOTrainingError", "Rollout", "disable_dropout"]

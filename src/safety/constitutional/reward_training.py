@@ -37,7 +37,6 @@ from src.models.attention import attention_for
 from src.models.heads import (RewardModel, backbone_of, head_scores, last_token_index, position_ids_from_mask,
                              score_head)
 from src.models.precision import autocast
-from src.models.threads import adapt_threads
 
 from . import distributed as ddp
 from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
@@ -45,6 +44,7 @@ from .generation import left_pad, render_prompt
 from .hh_rlhf import PreferencePair
 from .interrupts import GracefulInterrupt, interrupted
 from .io import append_jsonl, atomic_dir, atomic_write_json
+from .guarded_step import clip_and_step, finite_on_all_ranks
 from .optim import adamw, lr_scheduler
 
 log = logging.getLogger(__name__)
@@ -420,14 +420,11 @@ class RewardTrainer:
                     else:  # fewer pairs than ranks: this rank contributes zero gradients
                         r_c = r_r = torch.zeros(0)
                         loss = torch.zeros(())
-                    ok = ddp.all_true(bool(torch.isfinite(loss)))  # all ranks skip together or none does
+                    ok = finite_on_all_ranks(loss)  # all ranks skip together or none does
                     if ok:
                         if local:
                             loss.backward()
-                        ddp.sync_gradients(self.model)
-                        grad_norm = torch.nn.utils.clip_grad_norm_(
-                            [p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
-                        ok = bool(torch.isfinite(grad_norm))
+                        _, ok = clip_and_step([(self.model, optimizer, cfg.max_grad_norm)])
                     if not ok:
                         self.bad_steps += 1
                         optimizer.zero_grad(set_to_none=True)
@@ -439,13 +436,10 @@ class RewardTrainer:
                                 f"(max_bad_steps={cfg.max_bad_steps}). Lower the learning rate, check the pairs "
                                 "for empty answers, or train in float32; the last good checkpoint is in "
                                 f"{self.output_dir / 'checkpoints'}.")
-                    else:
-                        optimizer.step()
                     with warnings.catch_warnings():  # a skipped first step triggers torch's order warning
                         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
                         scheduler.step()
                     self.global_step += 1
-                    adapt_threads()  # src/models/threads.py: fewer threads while other processes use the cores
                     acc = ddp.all_reduce_mean(((r_c - r_r) > 0).float().mean().item() if local else 0.0)
                     loss_value = ddp.all_reduce_mean(loss.item()) if ok else 0.0
                     if local and ok:

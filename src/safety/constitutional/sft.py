@@ -31,7 +31,6 @@ from tqdm.auto import tqdm
 
 from src.models.checkpointing import enable_gradient_checkpointing
 from src.models.lora import add_lora
-from src.models.threads import adapt_threads
 
 from . import distributed as ddp
 from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
@@ -39,6 +38,7 @@ from .generation import render_prompt
 from .interrupts import GracefulInterrupt, interrupted
 from .io import append_jsonl
 from .logprobs import lm_logits
+from .guarded_step import clip_and_step
 from .optim import LR_SCHEDULES, adamw, lr_scheduler
 
 log = logging.getLogger(__name__)
@@ -378,13 +378,10 @@ class SFTTrainer:
         finite = ddp.all_true(finite)  # every rank skips together, before any gradient collective
         total_loss = ddp.all_reduce_mean(total_loss) if finite else total_loss
         grad_norm = float("nan")
-        if finite:
-            ddp.sync_gradients(self.model)
-            params = [p for p in self.model.parameters() if p.grad is not None]
-            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            finite = math.isfinite(grad_norm)
         lr = optimizer.param_groups[0]["lr"]
+        if finite:
+            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else None
+            (grad_norm,), finite = clip_and_step([(self.model, optimizer, max_norm)])
         if not finite:
             optimizer.zero_grad(set_to_none=True)
             state["bad_steps"] += 1
@@ -398,9 +395,6 @@ class SFTTrainer:
                     f"(max_bad_steps={cfg.max_bad_steps}). Lower learning_rate, train in float32, or look "
                     f"for broken records; the last good checkpoint is in {cfg.output_dir}.")
             return {"loss": None, "grad_norm": None, "lr": lr, "skipped": True, "tokens": n_tokens}
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        adapt_threads()  # src/models/threads.py: fewer threads while other processes use the cores
         state["train_loss"].append([state["step"] + 1, total_loss])
         state["tokens_seen"] += n_tokens
         return {"loss": total_loss, "grad_norm": grad_norm, "lr": lr, "skipped": False, "tokens": n_tokens}
