@@ -202,3 +202,35 @@ def test_best_of_k_revisions_and_harmful_targets_never_reach_sft(tiny_model, tok
     result_k1 = run_critique_revision(tiny_model, tokenizer, RED, constitution,
                                       HarmfulUnlessFramework(constitution), config_k1, show_progress=False)
     assert result_k1.sft_records == []  # everything judged harmful: nothing to fine-tune on
+
+
+def test_fallback_to_safe_responses_replaces_answers_that_do_not_refuse(tiny_model, tokenizer, constitution,
+                                                                        tmp_path):
+    # The tiny random model never refuses, so every red-team answer falls back to a written safe response
+    # of the constitution; the chain keeps what the model wrote, and helpful mix-in records are untouched.
+    framework = ConstitutionalFramework(constitution)  # rules: their refusal regexes give the refusal class
+    result = run_critique_revision(tiny_model, tokenizer, RED, constitution, framework,
+                                   small_config(fallback_to_safe_responses=True, helpful_mix_fraction=0.4),
+                                   benign_prompts=BENIGN, show_progress=False)
+    written = {t: p.name for p in constitution.principles for t in p.safe_responses}
+    assert result.stats["n_fallback_safe_responses"] == len(RED)
+    red = [r for r in result.sft_records if r["source"] != "helpful"]
+    assert len(red) == len(RED) and all(r["source"] == "fallback" and r["response"] in written for r in red)
+    for chain in result.chains:
+        assert chain["fallback"] and chain["final_refused"] and chain["source"] == "fallback"
+        assert chain["answer_before_fallback"] not in written
+        assert chain["fallback_principle"] == written[chain["final_response"]]
+    assert all(r["response"] not in written for r in result.sft_records if r["source"] == "helpful")
+    # off (the default): no answer is replaced
+    plain = run_critique_revision(tiny_model, tokenizer, RED, constitution, framework, small_config(),
+                                  show_progress=False)
+    assert plain.stats["n_fallback_safe_responses"] == 0
+    assert all(r["response"] not in written for r in plain.sft_records)
+
+
+def test_safe_responses_must_be_strings(tmp_path):
+    from src.safety.constitutional.constitution import ConstitutionError, parse_constitution
+    principle = {"name": "p", "description": "d", "critique_request": "c", "revision_request": "r",
+                 "safe_responses": ["fine", 3]}
+    with pytest.raises(ConstitutionError, match="safe_responses"):
+        parse_constitution({"principles": [principle]}, source="c.yaml")

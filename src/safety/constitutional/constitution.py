@@ -80,6 +80,9 @@ class Principle:
     evaluators: List[str] = field(default_factory=lambda: ["rules"])
     judge_question: Optional[str] = None
     patterns: List[str] = field(default_factory=list)
+    # Written safe answers (a refusal with a safe alternative) that stage 1 falls back to when the
+    # model's own revisions still comply with a harmful request (critique.fallback_to_safe_responses).
+    safe_responses: List[str] = field(default_factory=list)
 
     @property
     def question(self) -> str:
@@ -255,11 +258,17 @@ def _parse_principle(raw, index: int, source) -> Principle:
             re.compile(pattern)
         except re.error as err:
             raise ConstitutionError(source, f"bad regular expression {pattern!r}: {err}", label, "patterns") from err
+    safe = raw.get("safe_responses", []) or []
+    if isinstance(safe, str):
+        safe = [safe]
+    if not isinstance(safe, list) or not all(isinstance(t, str) and t.strip() for t in safe):
+        raise ConstitutionError(source, "must be a list of non-empty strings", label, "safe_responses")
     return Principle(name=raw["name"], description=raw["description"].strip(),
                      critique_request=raw["critique_request"].strip(),
                      revision_request=raw["revision_request"].strip(), weight=float(weight), category=category,
                      applies_to=applies_to, evaluators=list(evaluators),
-                     judge_question=question.strip() if question else None, patterns=list(patterns))
+                     judge_question=question.strip() if question else None, patterns=list(patterns),
+                     safe_responses=[" ".join(t.split()) for t in safe])
 
 
 def parse_constitution(data, source=None) -> Constitution:

@@ -66,6 +66,10 @@ class CritiqueRevisionConfig:
     reject_meta_revisions: bool = True      # drop revisions that talk about "the response" instead of answering
     num_revision_candidates: int = 1        # sample k revisions per step (one batched call), keep the best-scoring
     require_harmless: bool = True           # a red-team SFT target must not be judged harmful by the framework
+    # A red-team prompt whose final answer still does not refuse (the framework's refusal class) gets one
+    # of the constitution's written `safe_responses` instead: for models too small to write their own
+    # refusals (docs/safety_effect.md). Off by default; the `default` preset turns it on.
+    fallback_to_safe_responses: bool = False
     system_prompt: Optional[str] = CRITIC_SYSTEM_PROMPT  # for the critique/revision turns only
     generation: GenerationConfig = field(default_factory=_default_generation)  # answers and revisions
     critique_max_new_tokens: int = 64
@@ -246,6 +250,29 @@ def _best_revisions(model, tokenizer, framework, prompts, r_msgs, current, kinds
     return raw, best, candidate, best_scores
 
 
+def _fallback_to_safe_responses(framework, constitution, prompts, answers, chains, rng) -> List[int]:
+    """Replace, in place, each answer the framework does not class as a full refusal by a written safe
+    response: one of the last applied principle's `safe_responses`, else of any principle that has
+    some. Returns the indices replaced (each chain records its original answer)."""
+    with_safe = [p for p in constitution.principles if p.safe_responses]
+    if not with_safe:
+        log.warning("fallback_to_safe_responses is on but no principle has safe_responses: nothing to fall back to")
+        return []
+    classes = framework.refusal_classes([_prompt_text(p) for p in prompts], list(answers))
+    by_name = {p.name: p for p in with_safe}
+    replaced = []
+    for i, refusal_class in enumerate(classes):
+        if refusal_class == "full_refusal":
+            continue
+        last = chains[i]["rounds"][-1]["principle"] if chains[i]["rounds"] else None
+        principle = by_name.get(last) or rng.choice(with_safe)
+        chains[i].update(fallback=True, fallback_principle=principle.name, answer_before_fallback=answers[i],
+                         refusal_class_before_fallback=refusal_class)
+        answers[i] = rng.choice(principle.safe_responses)
+        replaced.append(i)
+    return replaced
+
+
 def run_critique_revision(model, tokenizer, prompts: Sequence, constitution, framework,
                           config: Optional[CritiqueRevisionConfig] = None,
                           benign_prompts: Optional[Sequence] = None, show_progress: bool = True
@@ -334,12 +361,21 @@ def run_critique_revision(model, tokenizer, prompts: Sequence, constitution, fra
             if kept:
                 current[i], current_scores[i] = revisions[i], revised_scores[i]
 
-    # 3. Final answers and SFT records.
+    # 3. Optionally, a written safe answer where the model still complies; then final answers and SFT records.
+    fallback = _fallback_to_safe_responses(framework, constitution, prompts, current, chains, rng) \
+        if config.fallback_to_safe_responses else []
+    if fallback:
+        new_scores = _score(framework, [prompts[i] for i in fallback], [current[i] for i in fallback],
+                            ["harmful"] * len(fallback))
+        for i, score in zip(fallback, new_scores):
+            current_scores[i] = score
     sft_records = []
     for chain, answer, score in zip(chains, current, current_scores):
         revised = any(r["kept"] for r in chain["rounds"])
+        source = "fallback" if chain.get("fallback") else "revision" if revised else "original"
         chain.update(final_response=answer, final_score=score.aggregate, final_refused=score.refused,
-                     final_harmful=score.harmful, source="revision" if revised else "original")
+                     final_harmful=score.harmful, source=source)
+        revised = revised or source == "fallback"
         if config.require_harmless and score.harmful:
             continue  # never fine-tune on an answer the constitution judges harmful
         if revised or (config.include_unrevised and not score.harmful):
@@ -363,6 +399,7 @@ def run_critique_revision(model, tokenizer, prompts: Sequence, constitution, fra
         "n_empty_revisions": counts["empty"],
         "n_rejected_meta": counts["meta"],
         "n_prompts_revised": sum(c["source"] == "revision" for c in chains),
+        "n_fallback_safe_responses": len(fallback),
         "mean_score_before": sum(c["initial_score"] for c in chains) / n,
         "mean_score_after": sum(c["final_score"] for c in chains) / n,
         "refusal_rate_before": sum(c["initial_refused"] for c in chains) / n,
