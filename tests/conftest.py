@@ -8,11 +8,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 from src.models import build_tiny_llama, configure_threads, load_causal_lm, load_tokenizer  # noqa: E402
+from src.models.threads import available_cpus  # noqa: E402
 
 # Tests compare numbers across code paths at fp32 tolerances, so they run in fp32 whatever the CPU;
 # the bf16 path has its own tests (test_precision.py), which ask for it explicitly.
 os.environ.setdefault("CAI_PRECISION", "fp32")
-configure_threads()  # CAI_NUM_THREADS=1 is much faster when other processes share the cores
+# A fixed thread count, never the adaptive default: many tests compare two runs bit for bit, and fp32
+# reductions round differently at different thread counts (src/models/threads.py). CAI_NUM_THREADS=1 is
+# much faster when other processes share the cores.
+configure_threads(int(os.environ.get("CAI_NUM_THREADS", "").strip() or 0) or available_cpus())
 
 
 @pytest.fixture(scope="session")

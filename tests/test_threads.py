@@ -1,5 +1,5 @@
 """Adaptive CPU threads (src/models/threads.py): the governor's arithmetic on given tick counts, the
-real /proc readings with a real competing process, and that the thread count does not change results."""
+real /proc readings with a real competing process, and the fixed and adaptive modes."""
 import os
 import subprocess
 import sys
@@ -8,7 +8,6 @@ import time
 import pytest
 import torch
 
-from src.models import build_tiny_llama
 from src.models import threads as th
 
 
@@ -91,18 +90,3 @@ def test_proc_readings_see_a_competing_process(restore_threads):
     assert g.threads == min(g.max_threads, max(1, round(g.max_threads - g.others)))
     if g.max_threads >= 2:
         assert g.threads < g.max_threads
-
-
-def test_results_do_not_depend_on_the_thread_count(tokenizer, restore_threads):
-    model, _ = build_tiny_llama(tokenizer, seed=0)
-    ids = tokenizer(["The governor may change threads mid-run.", "So results must not move."],
-                    return_tensors="pt", padding=True)
-    results = []
-    for n in (1, 2):
-        torch.set_num_threads(n)
-        model.zero_grad()
-        out = model(**ids, labels=ids.input_ids)
-        out.loss.backward()
-        results.append((out.logits.detach(), [p.grad.clone() for p in model.parameters()]))
-    assert torch.equal(results[0][0], results[1][0])
-    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))

@@ -20,9 +20,12 @@ step); it costs a clock read unless `interval` seconds have passed. A fixed coun
 or `configure_threads(N)`) turns the governor off, and so does anyone else calling
 `torch.set_num_threads` (the governor stands down rather than fight them).
 
-Changing the thread count does not change results here: SmolLM2-135M's logits, loss and gradients
-were bitwise equal at 1 and 2 threads, fp32 and bf16 autocast (tests/test_threads.py checks the tiny
-model), so exact resume holds whatever the governor does.
+The price: torch's fp32 reductions round differently at different thread counts (one PPO step of
+the tiny test model: value loss 1.3805582746863365 with 1 thread, 1.380558155477047 with 2), so a
+run whose thread count changed is reproducible only to rounding, and a run killed and resumed under
+different load matches the uninterrupted one to rounding, not bit for bit. On a quiet machine the
+count never changes and exact resume holds as before; for bitwise reproducibility under changing
+load, fix the count with $CAI_NUM_THREADS=N (the test suite does).
 """
 from __future__ import annotations
 
