@@ -237,7 +237,8 @@ class Pipeline:
                 device=self.device)
         return self._framework
 
-    def prompts(self, which: str, n: int, seed_offset: int = 0) -> List[str]:
+    def prompts(self, which: str, n: Optional[int], seed_offset: int = 0) -> List[str]:
+        """`n` prompts of a data file, shuffled with the run's seed (n=None: all of them)."""
         path = _resolve(getattr(self.config.data, which))
         return _take(read_prompts(path), n, self.config.seed + seed_offset)
 
@@ -277,7 +278,9 @@ class Pipeline:
             stats = json.loads((out / "critique_stats.json").read_text())
         else:
             prompts = self.prompts("train_prompts", cfg.data.num_sft_prompts)
-            benign = self.prompts("benign_train_prompts", cfg.data.num_sft_prompts, seed_offset=1)
+            # All benign prompts, shuffled: stage 1 samples its helpful mix-in (critique.helpful_mix_fraction)
+            # from them, so that share is not capped at num_sft_prompts benign prompts.
+            benign = self.prompts("benign_train_prompts", None, seed_offset=1)
             result = run_critique_revision(model, tokenizer, prompts, self.constitution, self.framework,
                                            cfg.critique, benign_prompts=benign)
             write_sft_dataset(result, out)
