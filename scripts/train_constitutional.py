@@ -64,6 +64,7 @@ def main(argv=None) -> int:
     configure_threads()  # $CAI_NUM_THREADS, else adaptive: the cores other processes leave free (src/models/threads.py)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from src.safety.constitutional import distributed as ddp
     from src.safety.constitutional.config_utils import ConfigError
     from src.safety.constitutional.pipeline import Pipeline, load_pipeline_config, print_stage_line
 
@@ -89,14 +90,20 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"run folder: {pipeline.run_dir}  (preset {config.preset}, model {config.model}, device {pipeline.device})")
+    main_rank = ddp.is_main_process()  # under torchrun only rank 0 prints (and writes)
+    if main_rank:
+        ranks = f", {ddp.world_size()} processes" if ddp.world_size() > 1 else ""
+        print(f"run folder: {pipeline.run_dir}  (preset {config.preset}, model {config.model}, "
+              f"device {pipeline.device}{ranks})")
     try:
-        pipeline.run(on_stage=print_stage_line)
+        pipeline.run(on_stage=print_stage_line if main_rank else None)
     except KeyboardInterrupt:
         print("\ninterrupted: the last checkpoint is saved; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        ddp.destroy_distributed()
     report = pipeline.run_dir / "report.md"
-    if report.is_file():
+    if main_rank and report.is_file():
         print(f"\nreport: {report}")
     return 0
 

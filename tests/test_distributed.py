@@ -68,3 +68,38 @@ def test_two_processes_stay_in_sync_and_match_one_process(tokenizer, tmp_path):
     # is near Adam's eps can move by a visibly different fraction of lr (1e-3): allow a handful of those.
     diff = (worker.flat(rm) - r0["rm_after"]).abs()
     assert diff.max() < 2e-4 and (diff > 2e-5).sum() <= 10, (diff.max(), (diff > 2e-5).sum())
+
+
+@pytest.mark.slow
+def test_pipeline_under_torchrun_finishes_and_its_greedy_evaluation_equals_one_process(tmp_path):
+    """The whole smoke pipeline under `torchrun --nproc_per_node 2`: every stage runs, rank 0 writes
+    the same files one process writes, and evaluating the same models over 2 ranks (generation split
+    by batches, gathered in prompt order) gives byte-identical greedy answers."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CAI_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    script = str(ROOT / "scripts" / "train_constitutional.py")
+    small = ["--preset", "smoke", "-q", "--set", "evaluation.batch_size=2", "--set", "evaluation.benchmark_limit=5"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script]
+
+    def run(cmd, out, *extra):
+        proc = subprocess.run(cmd + small + ["--output-dir", str(out), *extra], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    one, two, two_eval = tmp_path / "one", tmp_path / "two", tmp_path / "two_eval"
+    run([sys.executable, script], one)
+    stdout = run(torchrun, two)
+    assert stdout.count("[evaluate]") == 1 and "2 processes" in stdout  # rank 0 alone prints
+    files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())  # noqa: E731
+    assert files(two) == files(one)
+    for stage in ("stage1_sft", "stage2_reward", "stage3_rl", "evaluation"):
+        assert (two / stage / "stage.json").is_file()
+
+    # the same models (the one-process run's), evaluated by 2 ranks
+    run(torchrun, two_eval, "--stages", "evaluate", "--set", f"reuse_stages_from={one}")
+    answers = [p.relative_to(one / "evaluation") for p in (one / "evaluation").rglob("answers.csv")]
+    answers += [p.relative_to(one / "evaluation") for p in (one / "evaluation").rglob("records.json")]
+    assert len(answers) == 9  # 3 models x (2 benchmarks + the toolkit's own prompt sets)
+    for rel in answers:
+        assert (two_eval / "evaluation" / rel).read_bytes() == (one / "evaluation" / rel).read_bytes(), rel
+    assert len((one / "evaluation" / "benchmarks" / "xstest" / "rl" / "answers.csv").read_text().splitlines()) > 3

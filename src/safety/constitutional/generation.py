@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Union
 
@@ -17,7 +18,10 @@ from tqdm.auto import tqdm
 from src.models.precision import sampling_twin
 from src.models.threads import adapt_threads
 
+from . import distributed as ddp
+
 log = logging.getLogger(__name__)
+_SHARD_ACROSS_RANKS = False  # set by `sharded_across_ranks()`
 
 Message = dict
 Prompt = Union[str, Sequence[Message]]
@@ -184,8 +188,6 @@ def generate(
     Log-probs (if asked) come from `logprobs.sequence_logprobs` at the sampling temperature, one
     forward over each batch: the same numbers PPO uses later, not the warped scores of `generate`.
     """
-    from .logprobs import sequence_logprobs
-
     config = config or GenerationConfig()
     prompts = list(prompts)
     if not prompts:
@@ -202,29 +204,80 @@ def generate(
     model.eval()
     sampler = sampling_twin(model)  # bf16 weights for decoding when the compute precision is bf16
     chunks = []
-    starts = range(0, len(prompts), config.batch_size)
-    for start in tqdm(starts, desc=desc, disable=not show_progress or len(starts) < 2, leave=False):
-        idx = order[start:start + config.batch_size]
-        p_ids, p_mask = left_pad([encoded[i] for i in idx], tokenizer.pad_token_id, device)
-        p_texts = [all_texts[i] for i in idx]
-        adapt_threads()  # src/models/threads.py: fewer threads while other processes use the cores
-        r_ids = _generate_batch(sampler, tokenizer, p_ids, p_mask, config, eos_ids)
-        r_mask, finished = _response_mask(r_ids, eos_ids)
-        r_ids = torch.where(r_mask.bool(), r_ids, tokenizer.pad_token_id)
-        logprobs = None
-        if return_logprobs:
-            temperature = config.temperature if config.do_sample else 1.0
-            with torch.inference_mode():
-                logprobs = sequence_logprobs(model, torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1),
-                                             response_len=r_ids.shape[1], temperature=temperature)
-            logprobs = logprobs * r_mask
-        chunks.append((p_ids, p_mask, r_ids, r_mask, finished, logprobs, p_texts))
+    starts = list(range(0, len(prompts), config.batch_size))
+    sharded = _SHARD_ACROSS_RANKS and ddp.world_size() > 1
+    if sharded:  # whole batches per rank: each batch is computed exactly as one process would
+        starts = starts[ddp.rank()::ddp.world_size()]
+    with _rank_sampling_rng(sharded and config.do_sample, device):
+        for start in tqdm(starts, desc=desc, disable=not show_progress or len(starts) < 2, leave=False):
+            idx = order[start:start + config.batch_size]
+            chunks.append(_answer_batch(model, sampler, tokenizer, [encoded[i] for i in idx],
+                                        [all_texts[i] for i in idx], config, eos_ids, device, return_logprobs))
     if was_training:
         model.train()
+    if sharded:
+        chunks = _gather_batches(starts, chunks, device)
     merged = _merge(chunks, tokenizer)
     if order != sorted(order):
         merged = _select(merged, _inverse(order))
     return merged
+
+
+def _answer_batch(model, sampler, tokenizer, encoded, p_texts, config, eos_ids, device, return_logprobs):
+    from .logprobs import sequence_logprobs
+
+    p_ids, p_mask = left_pad(encoded, tokenizer.pad_token_id, device)
+    adapt_threads()  # src/models/threads.py: fewer threads while other processes use the cores
+    r_ids = _generate_batch(sampler, tokenizer, p_ids, p_mask, config, eos_ids)
+    r_mask, finished = _response_mask(r_ids, eos_ids)
+    r_ids = torch.where(r_mask.bool(), r_ids, tokenizer.pad_token_id)
+    logprobs = None
+    if return_logprobs:
+        temperature = config.temperature if config.do_sample else 1.0
+        with torch.inference_mode():
+            logprobs = sequence_logprobs(model, torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1),
+                                         response_len=r_ids.shape[1], temperature=temperature)
+        logprobs = logprobs * r_mask
+    return (p_ids, p_mask, r_ids, r_mask, finished, logprobs, p_texts)
+
+
+@contextmanager
+def sharded_across_ranks():
+    """Inside this block, `generate` under torchrun splits its batches over the ranks and every rank
+    receives every answer, in prompt order. The pipeline's generation-only steps (critique-revision,
+    preference sampling, evaluation) run in it; RL rollouts do not (each rank already samples its own
+    prompts). Greedy answers equal one process's exactly: a batch is the same batch on any rank.
+    Sampled answers differ (each rank draws from its own stream, `distributed.sampling_seed`)."""
+    global _SHARD_ACROSS_RANKS
+    before, _SHARD_ACROSS_RANKS = _SHARD_ACROSS_RANKS, True
+    try:
+        yield
+    finally:
+        _SHARD_ACROSS_RANKS = before
+
+
+@contextmanager
+def _rank_sampling_rng(active: bool, device):
+    """Sample from a rank-specific stream; afterwards every rank's global RNG is in the same state
+    again (one common draw), so replicated code after the gather stays identical across ranks."""
+    if not active:
+        yield
+        return
+    seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
+    devices = [device] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(ddp.sampling_seed(seed))
+        yield
+
+
+def _gather_batches(starts: List[int], chunks: list, device) -> list:
+    """Every rank's (start, batch) pairs, on every rank, in batch order (tensors via CPU pickles)."""
+    import torch.distributed as dist
+
+    to = lambda c, d: tuple(x.to(d) if isinstance(x, torch.Tensor) else x for x in c)  # noqa: E731
+    shares = [None] * ddp.world_size()
+    dist.all_gather_object(shares, [(s, to(c, "cpu")) for s, c in zip(starts, chunks)])
+    return [to(c, device) for _, c in sorted((pair for share in shares for pair in share), key=lambda x: x[0])]
 
 
 def _inverse(order: List[int]) -> List[int]:

@@ -23,17 +23,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+import torch
+
 from src.models import RewardModel, ValueModel, load_causal_lm, resolve_device, seed_everything
 from src.models.lora import merge_lora
 from src.models.precision import set_precision
 
+from . import distributed as ddp
 from .checkpoint import latest_checkpoint
 from .config_utils import from_dict, to_dict
 from .constitution import load_constitution
 from .critique_revision import CritiqueRevisionConfig, run_critique_revision, write_sft_dataset
 from .evaluation import compare_reports, evaluate_model
 from .framework import ConstitutionalFramework
-from .generation import GenerationConfig
+from .generation import GenerationConfig, sharded_across_ranks
 from .hh_rlhf import load_pairs
 from .io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl, read_prompts
 from .judge_reward import RuleBasedReward
@@ -192,7 +195,12 @@ class Pipeline:
     def __init__(self, config: PipelineConfig):
         self.config = config
         self.run_dir = Path(config.output_dir)
+        # Under torchrun: generation-only steps split their batches over the ranks, the trainers are
+        # data-parallel, every rank holds every result, and only rank 0 writes (docs/distributed.md).
+        ddp.init_distributed()
         self.device = resolve_device(config.device)
+        if self.device.type == "cuda" and self.device.index is None and ddp.world_size() > 1:
+            self.device = torch.device("cuda", ddp.local_rank())
         set_precision(config.precision)
         self.constitution = load_constitution(_resolve(config.constitution))
         self._framework: Optional[ConstitutionalFramework] = None
@@ -217,7 +225,9 @@ class Pipeline:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def _finish(self, name: str, summary: dict) -> dict:
-        atomic_write_json(self.stage_dir(name) / "stage.json", summary)
+        if ddp.is_main_process():
+            atomic_write_json(self.stage_dir(name) / "stage.json", summary)
+        ddp.barrier()  # no rank goes on (or reads the stage's outputs) before they are all written
         return summary
 
     @property
@@ -242,6 +252,12 @@ class Pipeline:
         path = _resolve(getattr(self.config.data, which))
         return _take(read_prompts(path), n, self.config.seed + seed_offset)
 
+    def _save_model(self, model, tokenizer, folder: Path) -> None:
+        if ddp.is_main_process():
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+        ddp.barrier()
+
     def model_for(self, stage: Optional[str]):
         """The model a stage starts from: the previous stage's output, or the base model."""
         path = self.config.model if stage is None else self.stage_dir(stage) / "model"
@@ -249,8 +265,10 @@ class Pipeline:
 
     # -- the run ------------------------------------------------------------------------------
     def run(self, on_stage: Optional[Callable[[str, dict], None]] = None) -> Dict[str, dict]:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "config.yaml", _dump_yaml(to_dict(self.config)))
+        if ddp.is_main_process():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml", _dump_yaml(to_dict(self.config)))
+        ddp.barrier()
         results = {}
         for name in STAGES:
             if name not in self.config.stages:
@@ -281,17 +299,18 @@ class Pipeline:
             # All benign prompts, shuffled: stage 1 samples its helpful mix-in (critique.helpful_mix_fraction)
             # from them, so that share is not capped at num_sft_prompts benign prompts.
             benign = self.prompts("benign_train_prompts", None, seed_offset=1)
-            result = run_critique_revision(model, tokenizer, prompts, self.constitution, self.framework,
-                                           cfg.critique, benign_prompts=benign)
-            write_sft_dataset(result, out)
-            atomic_write_json(out / "critique_stats.json", result.stats)
+            with sharded_across_ranks():
+                result = run_critique_revision(model, tokenizer, prompts, self.constitution, self.framework,
+                                               cfg.critique, benign_prompts=benign)
+            if ddp.is_main_process():
+                write_sft_dataset(result, out)
+                atomic_write_json(out / "critique_stats.json", result.stats)
             records, stats = result.sft_records, result.stats
         sft_cfg = dataclasses.replace(cfg.sft, output_dir=str(out / "checkpoints"),
                                       log_file=str(out / "metrics.jsonl"))
         trainer = SFTTrainer(model, tokenizer, sft_cfg)
         metrics = trainer.train(records, resume_from=latest_checkpoint(out / "checkpoints"))
-        merge_lora(model).save_pretrained(out / "model")  # a plain HF model (a no-op without LoRA)
-        tokenizer.save_pretrained(out / "model")
+        self._save_model(merge_lora(model), tokenizer, out / "model")  # a plain HF model (a no-op without LoRA)
         return {"critique": stats, "train": _scalars(metrics)}
 
     def run_reward(self) -> dict:
@@ -303,9 +322,11 @@ class Pipeline:
             stats = json.loads((out / "preference_stats.json").read_text())
         else:
             prompts = self.prompts("train_prompts", cfg.data.num_preference_prompts, seed_offset=2)
-            pairs, stats = generate_preference_pairs(model, tokenizer, prompts, self.framework, cfg.preferences)
-            write_pairs(pairs, pairs_file)
-            atomic_write_json(out / "preference_stats.json", stats)
+            with sharded_across_ranks():
+                pairs, stats = generate_preference_pairs(model, tokenizer, prompts, self.framework, cfg.preferences)
+            if ddp.is_main_process():
+                write_pairs(pairs, pairs_file)
+                atomic_write_json(out / "preference_stats.json", stats)
         train_pairs = list(pairs)
         if cfg.data.human_pairs and cfg.data.num_human_pairs > 0:
             train_pairs += load_pairs(_resolve(cfg.data.human_pairs), limit=cfg.data.num_human_pairs, split="train")
@@ -317,7 +338,9 @@ class Pipeline:
                                      log_file=str(out / "metrics.jsonl"))
         trainer = RewardTrainer(reward_model, tokenizer, rm_cfg)
         metrics = trainer.train(train_pairs, resume_from=latest_checkpoint(out / "checkpoints"))
-        reward_model.save_pretrained(out / "model", tokenizer=tokenizer)
+        if ddp.is_main_process():
+            reward_model.save_pretrained(out / "model", tokenizer=tokenizer)
+        ddp.barrier()
         summary = {"preferences": stats, "num_train_pairs": len(train_pairs), "train": _scalars(metrics)}
         eval_file = _resolve(cfg.data.reward_eval_pairs)
         if eval_file is not None:
@@ -356,14 +379,17 @@ class Pipeline:
                                temperature=cfg.rl.temperature, checkpoint_dir=str(out / "checkpoints"),
                                checkpoint_freq=cfg.rl.checkpoint_freq,
                                resume_from=latest_checkpoint(out / "checkpoints"))
-        atomic_write_jsonl(out / "metrics.jsonl", result.get("history", []))
-        merge_lora(policy).save_pretrained(out / "model")  # a plain HF model (a no-op without LoRA)
-        tokenizer.save_pretrained(out / "model")
+        if ddp.is_main_process():
+            atomic_write_jsonl(out / "metrics.jsonl", result.get("history", []))
+        self._save_model(merge_lora(policy), tokenizer, out / "model")  # a plain HF model (a no-op without LoRA)
         return {"algorithm": cfg.rl.algorithm, "final_stats": _scalars(result.get("final_stats", {}))}
 
     def _run_dpo(self, policy, tokenizer, out: Path) -> dict:
         """DPO directly on stage 2's preference pairs (AI-labelled, plus any human pairs)."""
         cfg = self.config
+        if ddp.world_size() > 1:  # DPOTrainer has no rank-0-only writes or data sharding yet
+            raise RuntimeError("rl.algorithm=dpo does not run under torchrun yet: run the RL stage in one process "
+                               "(--stages rl), or use ppo, grpo, rloo or reinforce")
         pairs = load_pairs(self.stage_dir("reward") / "pairs.jsonl")
         if cfg.data.human_pairs and cfg.data.num_human_pairs > 0:
             pairs += load_pairs(_resolve(cfg.data.human_pairs), limit=cfg.data.num_human_pairs, split="train")
@@ -371,8 +397,7 @@ class Pipeline:
                                       log_file=str(out / "metrics.jsonl"))
         trainer = DPOTrainer(policy, tokenizer, dpo_cfg, device=self.device)
         result = trainer.train(pairs, resume_from=latest_checkpoint(out / "checkpoints"))
-        policy.save_pretrained(out / "model")
-        tokenizer.save_pretrained(out / "model")
+        self._save_model(policy, tokenizer, out / "model")
         return {"algorithm": "dpo", "num_pairs": len(pairs), "final_stats": _scalars(result.get("final_stats", {}))}
 
     def benchmark_refusal_judge(self):
@@ -383,7 +408,12 @@ class Pipeline:
         return None
 
     def run_evaluate(self) -> dict:
+        with sharded_across_ranks():  # every answer generated once, over all ranks; rank 0 writes
+            return self._evaluate()
+
+    def _evaluate(self) -> dict:
         cfg, out = self.config, self.stage_dir("evaluate")
+        main = ddp.is_main_process()
         from .benchmarks import load_benchmark, run_benchmark, write_comparison
         benchmarks = [load_benchmark(_resolve(b) if str(b).endswith((".csv", ".jsonl")) else b,
                                      limit=cfg.evaluation.benchmark_limit) for b in cfg.evaluation.benchmarks]
@@ -408,20 +438,23 @@ class Pipeline:
             model, tokenizer = self.model_for(stage)
             report = evaluate_model(model, tokenizer, prompt_sets, self.framework, gen_config=gen,
                                     reward_model=reward_model)
-            report.write(out / name)
+            if main:
+                report.write(out / name)
             reports[name] = report
             for bench in benchmarks:
                 result = run_benchmark(model, tokenizer, bench, self.framework, bench_gen,
                                        refusal_judge=self.benchmark_refusal_judge(), model_name=name)
-                result.write(out / "benchmarks" / bench.name / name)
+                if main:
+                    result.write(out / "benchmarks" / bench.name / name)
                 bench_results[bench.name][name] = result
             del model
         for bench_name, named in bench_results.items():
-            if len(named) > 1:
+            if len(named) > 1 and main:
                 write_comparison(out / "benchmarks" / bench_name, bench_name, named)
         from .report import write_run_report
-        write_run_report(self.run_dir, reports, self.config, num_examples=cfg.evaluation.num_examples,
-                         benchmarks=bench_results)
+        if main:
+            write_run_report(self.run_dir, reports, self.config, num_examples=cfg.evaluation.num_examples,
+                             benchmarks=bench_results)
         return {"models": list(reports), "summary": {k: r.summary for k, r in reports.items()},
                 "comparison": compare_reports(reports),
                 "benchmarks": {b: {m: r.summary for m, r in named.items()} for b, named in bench_results.items()}}
