@@ -1,7 +1,7 @@
 """One rank of the 2-process test in tests/test_distributed.py (run under torch.distributed.run).
 
 Rank r builds its models with seed r, so the ranks only agree if the trainers broadcast rank 0's
-weights at the start; it then trains a reward model (2 steps) and PPO (2 steps) and writes its
+weights at the start; it then trains a reward model (2 steps), PPO (2 steps) and DPO (2 steps) and writes its
 flattened weights to <out>/rank<r>.pt for the test to compare.
 """
 
@@ -13,6 +13,7 @@ import torch
 
 from src.models import RewardModel, ValueModel, build_tiny_llama, load_tokenizer  # noqa: E402
 from src.safety.constitutional import distributed as ddp  # noqa: E402
+from src.safety.constitutional.dpo import DPOConfig, DPOTrainer  # noqa: E402
 from src.safety.constitutional.hh_rlhf import PreferencePair  # noqa: E402
 from src.safety.constitutional.ppo_trainer import PPOConfig, PPOTrainer  # noqa: E402
 from src.safety.constitutional.reward_training import RewardTrainer, RewardTrainerConfig  # noqa: E402
@@ -32,6 +33,11 @@ def rm_config(out: Path) -> RewardTrainerConfig:
     return RewardTrainerConfig(output_dir=str(out / "rm"), batch_size=4, num_epochs=1, max_length=32,
                                learning_rate=1e-3, eval_fraction=0.0, show_progress=False, log_every=1,
                                warmup_ratio=0.0)
+
+
+def dpo_config(out: Path) -> DPOConfig:
+    return DPOConfig(batch_size=4, max_steps=2, learning_rate=1e-3, checkpoint_dir=str(out / "dpo"),
+                     checkpoint_every=1)
 
 
 def main(out: Path) -> None:
@@ -56,7 +62,14 @@ def main(out: Path) -> None:
     ppo_start = flat(ppo.policy)
     result = ppo.train(PROMPTS, num_steps=2, batch_size=2, num_epochs_per_batch=1, max_length=4,
                        checkpoint_dir=out / "ppo", checkpoint_freq=1, show_progress=False)
+    # -- DPO: 2 steps of 4 pairs, 2 per rank
+    dpo_policy, _ = build_tiny_llama(tok, seed=30 + r)
+    dpo = DPOTrainer(dpo_policy, tok, dpo_config(out))
+    dpo_start = flat(dpo.policy)
+    dpo_result = dpo.train(toy_pairs(8), show_progress=False)
     torch.save({"rank": r, "world_size": ddp.world_size(), "rm_start": rm_start, "rm_after": rm_after,
+                "dpo_start": dpo_start, "dpo_after": flat(dpo.policy),
+                "dpo_loss": [h["loss"] for h in dpo_result["history"]],
                 "ppo_start": ppo_start, "ppo_policy": flat(ppo.policy), "ppo_value": flat(ppo.value_model),
                 "ppo_ref": flat(ppo.ref_model), "ppo_scores": [h["mean_score"] for h in result["history"]],
                 "reward_stats": [ppo.reward_stats.mean, ppo.reward_stats.std]},

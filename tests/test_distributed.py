@@ -9,6 +9,7 @@ import torch
 
 from src.models import RewardModel, build_tiny_llama
 from src.safety.constitutional import distributed as ddp
+from src.safety.constitutional.dpo import DPOTrainer
 from src.safety.constitutional.reward_training import RewardTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +68,19 @@ def test_two_processes_stay_in_sync_and_match_one_process(tokenizer, tmp_path):
     # Summation order differs (two half-batch gradients averaged vs one), so a parameter whose gradient
     # is near Adam's eps can move by a visibly different fraction of lr (1e-3): allow a handful of those.
     diff = (worker.flat(rm) - r0["rm_after"]).abs()
+    assert diff.max() < 2e-4 and (diff > 2e-5).sum() <= 10, (diff.max(), (diff > 2e-5).sum())
+
+    # DPO: the same on 2 ranks as on one process with the whole batch; the logged loss is the batch's
+    assert torch.equal(r0["dpo_start"], r1["dpo_start"]) and torch.equal(r0["dpo_after"], r1["dpo_after"])
+    assert r0["dpo_loss"] == r1["dpo_loss"]
+    assert sorted(p.name for p in (tmp_path / "dpo").iterdir()) == ["checkpoint-000001", "checkpoint-000002"]
+    policy, _ = build_tiny_llama(tokenizer, seed=30)
+    dpo = DPOTrainer(policy, tokenizer, worker.dpo_config(tmp_path / "dpo_single"))
+    assert torch.equal(worker.flat(dpo.policy), r0["dpo_start"])
+    history = dpo.train(worker.toy_pairs(8), show_progress=False)["history"]
+    assert [h["loss"] for h in history] == pytest.approx(r0["dpo_loss"], abs=1e-5)
+    diff = (worker.flat(dpo.policy) - r0["dpo_after"]).abs()
+    assert not torch.equal(r0["dpo_start"], r0["dpo_after"])
     assert diff.max() < 2e-4 and (diff > 2e-5).sum() <= 10, (diff.max(), (diff > 2e-5).sum())
 
 

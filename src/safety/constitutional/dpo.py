@@ -9,6 +9,8 @@ prompt left-padded, answer right-padded, the layout every stage uses), the share
 compares them with the reference's. The reference's log-probs are computed ONCE for every pair,
 under inference_mode, before training; the reference is then released if this trainer made it.
 Checkpoints use `checkpoint.save_checkpoint` and resume exactly (same weights as an uninterrupted run).
+Under torchrun each rank takes its block of every batch and gradients are averaged (`guarded_step`),
+so the weights equal one process's on the whole batch; rank 0 writes.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import distributed as ddp
 from .generation import GenerationConfig, encode_prompts, left_pad
 from .guarded_step import clip_and_step, finite_on_all_ranks
 from .hh_rlhf import PreferencePair
@@ -94,6 +97,8 @@ class DPOTrainer:
         self.config = config or DPOConfig()
         self.device = torch.device(device) if device is not None else next(policy.parameters()).device
         self.policy = policy.to(self.device)
+        ddp.init_distributed()  # joins torchrun's process group; a no-op in a plain process
+        ddp.broadcast_model(self.policy)  # every rank starts from rank 0's weights (and reference)
         self.tokenizer = tokenizer
         self._owns_reference = ref_model is None
         self.ref_model = copy.deepcopy(policy) if ref_model is None else ref_model
@@ -189,7 +194,7 @@ class DPOTrainer:
             self.ref_model = None  # everything it is needed for is computed: free its memory
 
         eval_metrics: Dict[str, float] = {}
-        bar = tqdm(total=total, initial=self.step, desc="dpo", disable=not show_progress)
+        bar = tqdm(total=total, initial=self.step, desc="dpo", disable=not show_progress or not ddp.is_main_process())
         while self.step < total:
             stats = self.train_step(pairs, self._batch_indices(self.step, len(pairs)))
             bar.update(1)
@@ -197,7 +202,7 @@ class DPOTrainer:
                             margin=f"{stats['reward_margin']:.3f}")
             if eval_pairs and cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < total:
                 stats.update({f"eval_{k}": v for k, v in self.evaluate(eval_pairs, eval_ref).items()})
-            if cfg.log_file:
+            if cfg.log_file and ddp.is_main_process():
                 append_jsonl(cfg.log_file, stats)
             if cfg.checkpoint_dir and ((cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)
                                        or self.step == total):
@@ -212,28 +217,42 @@ class DPOTrainer:
         """One optimiser step on pairs[idx]; a non-finite loss or gradient skips it (weights unchanged)."""
         cfg = self.config
         t0 = time.perf_counter()
-        batch = [pairs[i] for i in idx]
-        ref = self.ref_logps[idx].to(self.device)                          # (B, 2)
+        mine = ddp.shard(idx)  # this rank's block of the batch (all of it in one process)
         self.policy.train()
-        logps = self.answer_logps(self.policy, batch)                      # (B, 2)
-        loss, metrics = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], cfg.beta, cfg.label_smoothing,
-                                 cfg.loss_type, self._labels(batch))
+        loss = torch.zeros((), device=self.device)
+        logps = torch.zeros((0, 2), device=self.device)
+        if mine:
+            batch = [pairs[i] for i in mine]
+            ref = self.ref_logps[mine].to(self.device)                     # (b, 2)
+            logps = self.answer_logps(self.policy, batch)                  # (b, 2)
+            loss, _ = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], cfg.beta, cfg.label_smoothing,
+                               cfg.loss_type, self._labels(batch))
+        # The batch mean over ranks: each rank's mean weighted by its share (sync_gradients averages).
+        scaled = loss * (len(mine) * ddp.world_size() / len(idx))
+        # Metrics (and the logged loss) of the whole batch, as one process computes them.
+        full = torch.stack([ddp.all_gather_cat(logps[:, 0].detach().float()),
+                            ddp.all_gather_cat(logps[:, 1].detach().float())], 1)
+        ref_all = self.ref_logps[idx].to(full.device)
+        with torch.no_grad():
+            loss_all, metrics = dpo_loss(full[:, 0], full[:, 1], ref_all[:, 0], ref_all[:, 1], cfg.beta,
+                                         cfg.label_smoothing, cfg.loss_type, self._labels([pairs[i] for i in idx]))
         self.optimizer.zero_grad(set_to_none=True)
         grad_norm, skipped = float("nan"), True
         if finite_on_all_ranks(loss):
-            loss.backward()
+            if mine:
+                scaled.backward()
             (grad_norm,), stepped = clip_and_step([(self.policy, self.optimizer, cfg.max_grad_norm)])
             skipped = not stepped
         if skipped:
             log.warning("dpo step %d: non-finite loss/gradient (loss %s, grad norm %s); update skipped",
-                        self.step + 1, loss.item(), grad_norm)
+                        self.step + 1, loss_all.item(), grad_norm)
         self.policy.eval()
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         self.step += 1
         self.total_skipped_updates += int(skipped)
         self.consecutive_bad_steps = self.consecutive_bad_steps + 1 if skipped else 0
-        stats = {"step": self.step, "loss": loss.item(), **metrics, "grad_norm": grad_norm, "learning_rate": lr,
+        stats = {"step": self.step, "loss": loss_all.item(), **metrics, "grad_norm": grad_norm, "learning_rate": lr,
                  "skipped": int(skipped), "time_step_s": time.perf_counter() - t0}
         self.history.append(stats)
         if self.consecutive_bad_steps >= cfg.max_bad_steps:
@@ -274,6 +293,10 @@ class DPOTrainer:
                  "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                  "ref_logps": self.ref_logps, "consecutive_bad_steps": self.consecutive_bad_steps,
                  "total_skipped_updates": self.total_skipped_updates}
+        if not ddp.is_main_process():  # ranks hold identical weights: one writer, the others wait
+            ddp.barrier()
+            self.last_checkpoint = ckpt.checkpoint_path(checkpoint_dir, step)
+            return self.last_checkpoint
         models = {}
         if hasattr(self.policy, "save_pretrained"):
             models["policy"] = self.policy
@@ -282,6 +305,7 @@ class DPOTrainer:
         self.last_checkpoint = ckpt.save_checkpoint(
             checkpoint_dir, step, models, tokenizer=self.tokenizer, trainer_state=state,
             metadata={"trainer": "dpo", "config": asdict(self.config)}, keep_last=self.config.keep_last_checkpoints)
+        ddp.barrier()
         return self.last_checkpoint
 
     def load_checkpoint(self, checkpoint_path) -> int:

@@ -387,9 +387,6 @@ class Pipeline:
     def _run_dpo(self, policy, tokenizer, out: Path) -> dict:
         """DPO directly on stage 2's preference pairs (AI-labelled, plus any human pairs)."""
         cfg = self.config
-        if ddp.world_size() > 1:  # DPOTrainer has no rank-0-only writes or data sharding yet
-            raise RuntimeError("rl.algorithm=dpo does not run under torchrun yet: run the RL stage in one process "
-                               "(--stages rl), or use ppo, grpo, rloo or reinforce")
         pairs = load_pairs(self.stage_dir("reward") / "pairs.jsonl")
         if cfg.data.human_pairs and cfg.data.num_human_pairs > 0:
             pairs += load_pairs(_resolve(cfg.data.human_pairs), limit=cfg.data.num_human_pairs, split="train")
