@@ -14,6 +14,7 @@ import torch
 from src.models import RewardModel, ValueModel, build_tiny_llama, load_tokenizer  # noqa: E402
 from src.safety.constitutional import distributed as ddp  # noqa: E402
 from src.safety.constitutional.dpo import DPOConfig, DPOTrainer  # noqa: E402
+from src.safety.constitutional.generation import GenerationConfig, generate, sharded_across_ranks  # noqa: E402
 from src.safety.constitutional.hh_rlhf import PreferencePair  # noqa: E402
 from src.safety.constitutional.ppo_trainer import PPOConfig, PPOTrainer  # noqa: E402
 from src.safety.constitutional.reward_training import RewardTrainer, RewardTrainerConfig  # noqa: E402
@@ -67,7 +68,18 @@ def main(out: Path) -> None:
     dpo = DPOTrainer(dpo_policy, tok, dpo_config(out))
     dpo_start = flat(dpo.policy)
     dpo_result = dpo.train(toy_pairs(8), show_progress=False)
+    # -- sampled generation split over the ranks: 5 prompts in batches of 2 (rank 0 takes 2 batches)
+    import src.safety.constitutional.generation as generation
+    batches, answer_batch = [], generation._answer_batch
+    generation._answer_batch = lambda *a, **k: batches.append(1) or answer_batch(*a, **k)
+    torch.manual_seed(5)
+    with sharded_across_ranks():
+        sampled = generate(dpo.policy, tok, PROMPTS + ["Count to three."],
+                           GenerationConfig(max_new_tokens=6, do_sample=True, temperature=1.0, batch_size=2)).texts
+    generation._answer_batch = answer_batch
+    rng_after = torch.rand(3)
     torch.save({"rank": r, "world_size": ddp.world_size(), "rm_start": rm_start, "rm_after": rm_after,
+                "sampled": sampled, "rng_after": rng_after, "batches": len(batches),
                 "dpo_start": dpo_start, "dpo_after": flat(dpo.policy),
                 "dpo_loss": [h["loss"] for h in dpo_result["history"]],
                 "ppo_start": ppo_start, "ppo_policy": flat(ppo.policy), "ppo_value": flat(ppo.value_model),

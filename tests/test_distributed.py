@@ -70,6 +70,11 @@ def test_two_processes_stay_in_sync_and_match_one_process(tokenizer, tmp_path):
     diff = (worker.flat(rm) - r0["rm_after"]).abs()
     assert diff.max() < 2e-4 and (diff > 2e-5).sum() <= 10, (diff.max(), (diff > 2e-5).sum())
 
+    # sampled generation split over ranks: every rank holds every answer, and the global RNG agrees again
+    assert r0["sampled"] == r1["sampled"] and len(r0["sampled"]) == 5
+    assert (r0["batches"], r1["batches"]) == (2, 1)  # 3 batches of 2: rank 0 takes the 1st and 3rd
+    assert torch.equal(r0["rng_after"], r1["rng_after"])
+
     # DPO: the same on 2 ranks as on one process with the whole batch; the logged loss is the batch's
     assert torch.equal(r0["dpo_start"], r1["dpo_start"]) and torch.equal(r0["dpo_after"], r1["dpo_after"])
     assert r0["dpo_loss"] == r1["dpo_loss"]
