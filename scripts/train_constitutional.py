@@ -31,7 +31,7 @@ def build_parser(describe_all: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="default",
-                        help="smoke (tiny random model, seconds), default (SmolLM2-135M on CPU, ~30 min), "
+                        help="smoke (tiny random model, seconds), default (SmolLM2-135M on CPU, about an hour on 2 cores), "
                              "full (sizes for a GPU); presets live in configs/<name>.yaml")
     parser.add_argument("--config", help="a YAML file whose options override the preset")
     parser.add_argument("--model", help="'default' (SmolLM2-135M-Instruct) or a local Hugging Face model folder")
