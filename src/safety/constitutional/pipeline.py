@@ -225,9 +225,7 @@ class Pipeline:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def _finish(self, name: str, summary: dict) -> dict:
-        if ddp.is_main_process():
-            atomic_write_json(self.stage_dir(name) / "stage.json", summary)
-        ddp.barrier()  # no rank goes on (or reads the stage's outputs) before they are all written
+        _on_rank0(lambda: atomic_write_json(self.stage_dir(name) / "stage.json", summary))
         return summary
 
     @property
@@ -253,10 +251,7 @@ class Pipeline:
         return _take(read_prompts(path), n, self.config.seed + seed_offset)
 
     def _save_model(self, model, tokenizer, folder: Path) -> None:
-        if ddp.is_main_process():
-            model.save_pretrained(folder)
-            tokenizer.save_pretrained(folder)
-        ddp.barrier()
+        _on_rank0(lambda: (model.save_pretrained(folder), tokenizer.save_pretrained(folder)))
 
     def model_for(self, stage: Optional[str]):
         """The model a stage starts from: the previous stage's output, or the base model."""
@@ -265,10 +260,7 @@ class Pipeline:
 
     # -- the run ------------------------------------------------------------------------------
     def run(self, on_stage: Optional[Callable[[str, dict], None]] = None) -> Dict[str, dict]:
-        if ddp.is_main_process():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "config.yaml", _dump_yaml(to_dict(self.config)))
-        ddp.barrier()
+        _on_rank0(lambda: atomic_write_text(self.run_dir / "config.yaml", _dump_yaml(to_dict(self.config))))
         results = {}
         for name in STAGES:
             if name not in self.config.stages:
@@ -302,9 +294,7 @@ class Pipeline:
             with sharded_across_ranks():
                 result = run_critique_revision(model, tokenizer, prompts, self.constitution, self.framework,
                                                cfg.critique, benign_prompts=benign)
-            if ddp.is_main_process():
-                write_sft_dataset(result, out)
-                atomic_write_json(out / "critique_stats.json", result.stats)
+            _on_rank0(lambda: (write_sft_dataset(result, out), atomic_write_json(out / "critique_stats.json", result.stats)))
             records, stats = result.sft_records, result.stats
         sft_cfg = dataclasses.replace(cfg.sft, output_dir=str(out / "checkpoints"),
                                       log_file=str(out / "metrics.jsonl"))
@@ -324,9 +314,7 @@ class Pipeline:
             prompts = self.prompts("train_prompts", cfg.data.num_preference_prompts, seed_offset=2)
             with sharded_across_ranks():
                 pairs, stats = generate_preference_pairs(model, tokenizer, prompts, self.framework, cfg.preferences)
-            if ddp.is_main_process():
-                write_pairs(pairs, pairs_file)
-                atomic_write_json(out / "preference_stats.json", stats)
+            _on_rank0(lambda: (write_pairs(pairs, pairs_file), atomic_write_json(out / "preference_stats.json", stats)))
         train_pairs = list(pairs)
         if cfg.data.human_pairs and cfg.data.num_human_pairs > 0:
             train_pairs += load_pairs(_resolve(cfg.data.human_pairs), limit=cfg.data.num_human_pairs, split="train")
@@ -338,9 +326,7 @@ class Pipeline:
                                      log_file=str(out / "metrics.jsonl"))
         trainer = RewardTrainer(reward_model, tokenizer, rm_cfg)
         metrics = trainer.train(train_pairs, resume_from=latest_checkpoint(out / "checkpoints"))
-        if ddp.is_main_process():
-            reward_model.save_pretrained(out / "model", tokenizer=tokenizer)
-        ddp.barrier()
+        _on_rank0(lambda: reward_model.save_pretrained(out / "model", tokenizer=tokenizer))
         summary = {"preferences": stats, "num_train_pairs": len(train_pairs), "train": _scalars(metrics)}
         eval_file = _resolve(cfg.data.reward_eval_pairs)
         if eval_file is not None:
@@ -379,8 +365,7 @@ class Pipeline:
                                temperature=cfg.rl.temperature, checkpoint_dir=str(out / "checkpoints"),
                                checkpoint_freq=cfg.rl.checkpoint_freq,
                                resume_from=latest_checkpoint(out / "checkpoints"))
-        if ddp.is_main_process():
-            atomic_write_jsonl(out / "metrics.jsonl", result.get("history", []))
+        _on_rank0(lambda: atomic_write_jsonl(out / "metrics.jsonl", result.get("history", [])))
         self._save_model(merge_lora(policy), tokenizer, out / "model")  # a plain HF model (a no-op without LoRA)
         return {"algorithm": cfg.rl.algorithm, "final_stats": _scalars(result.get("final_stats", {}))}
 
@@ -455,6 +440,14 @@ class Pipeline:
         return {"models": list(reports), "summary": {k: r.summary for k, r in reports.items()},
                 "comparison": compare_reports(reports),
                 "benchmarks": {b: {m: r.summary for m, r in named.items()} for b, named in bench_results.items()}}
+
+
+def _on_rank0(write: Callable[[], object]) -> None:
+    """Under torchrun only rank 0 writes the run folder, and no rank goes on (or reads it back) before
+    the write is done; in one process this just writes."""
+    if ddp.is_main_process():
+        write()
+    ddp.barrier()
 
 
 def _scalars(d: dict) -> dict:
