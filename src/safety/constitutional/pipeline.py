@@ -65,7 +65,7 @@ class DataConfig:
     eval_harmful_prompts: str = "data/prompts/red_team_eval.jsonl"  # held out: never trained on
     eval_benign_prompts: str = "data/prompts/benign_eval.jsonl"     # held out: over-refusal check
     num_sft_prompts: int = 48           # red-team prompts through critique-revision
-    num_preference_prompts: int = 64    # prompts sampled twice and labelled by the constitution
+    num_preference_prompts: int = 64    # prompts sampled twice and labelled by the constitution (0: human pairs only)
     num_rl_prompts: int = 64            # prompt pool for RL rollouts (red-team prompts)
     num_rl_benign_prompts: int = 0      # benign prompts added to that pool, so RL also sees requests it must answer
     num_eval_prompts: int = 50          # per evaluation set
@@ -74,9 +74,14 @@ class DataConfig:
     reward_eval_pairs: Optional[str] = None  # human pairs never trained on (every pair of the file): the RM's held-out accuracy
 
     def __post_init__(self):
-        for name in ("num_sft_prompts", "num_preference_prompts", "num_rl_prompts", "num_eval_prompts"):
+        for name in ("num_sft_prompts", "num_rl_prompts", "num_eval_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_preference_prompts < 0:
+            raise ValueError(f"data.num_preference_prompts must be >= 0, got {self.num_preference_prompts}")
+        if self.num_preference_prompts == 0 and not (self.human_pairs and self.num_human_pairs > 0):
+            raise ValueError("data.num_preference_prompts is 0 and there are no human pairs "
+                             "(data.human_pairs, data.num_human_pairs): stage 2 would have nothing to train on")
         if self.num_rl_benign_prompts < 0:
             raise ValueError(f"data.num_rl_benign_prompts must be >= 0, got {self.num_rl_benign_prompts}")
 
@@ -158,6 +163,7 @@ class PipelineConfig:
     evaluators: List[str] = field(default_factory=lambda: ["rules", "harm_judge"])  # rules, classifier (MiniLM), harm_judge (SmolLM2 layer-8 probe on human pairs), judge (a chat model asked yes/no): who scores and labels answers; the default is chosen in docs/evaluators.md
     refusal_classifier: Optional[str] = "default"  # 3-class refusal classifier deciding `refused`: "default" (data/judges/refusal.npz), a weights file, or null for the rules' regexes
     judge_model: Optional[str] = None   # a local chat model folder for the judge instead of the base model (implies 'judge'; e.g. a 7B instruct model on a GPU)
+    reward_model: Optional[str] = None  # a trained reward model folder that RL and evaluation use instead of stage 2's (e.g. from scripts/train_reward_model.py)
     guard_model: Optional[str] = None   # a local sequence-classification folder (guard classifier or reward model) judging the principles that list 'guard'; labels mapped by the constitution's guard: block
     data: DataConfig = field(default_factory=DataConfig)
     critique: CritiqueRevisionConfig = field(default_factory=CritiqueRevisionConfig)
@@ -258,6 +264,20 @@ class Pipeline:
         path = self.config.model if stage is None else self.stage_dir(stage) / "model"
         return load_causal_lm(path, device=self.device, dtype=self.config.dtype)
 
+    def reward_model_dir(self, required: bool = True) -> Path:
+        """The reward model RL and evaluation use: `reward_model` if given, else stage 2's (which
+        evaluation, `required=False`, may lack: its mean-reward column is then left out)."""
+        if self.config.reward_model:
+            folder = _resolve(self.config.reward_model)
+            if not folder.is_dir():
+                raise FileNotFoundError(f"reward_model: no folder at {self.config.reward_model}")
+            return folder
+        folder = self.stage_dir("reward") / "model"
+        if required and not folder.is_dir() and "reward" not in self.config.stages:
+            raise FileNotFoundError(f"no reward model at {folder}: run stage 2 in this run folder, or give one "
+                                    "with reward_model (--reward-model DIR)")
+        return folder
+
     # -- the run ------------------------------------------------------------------------------
     def run(self, on_stage: Optional[Callable[[str, dict], None]] = None) -> Dict[str, dict]:
         _on_rank0(lambda: atomic_write_text(self.run_dir / "config.yaml", _dump_yaml(to_dict(self.config))))
@@ -307,7 +327,9 @@ class Pipeline:
         cfg, out = self.config, self.stage_dir("reward")
         model, tokenizer = self.model_for("sft" if "sft" in cfg.stages or self.stage_done("sft") else None)
         pairs_file = out / "pairs.jsonl"
-        if pairs_file.is_file():
+        if cfg.data.num_preference_prompts == 0:  # human pairs only
+            pairs, stats = [], {"pairs": 0}
+        elif pairs_file.is_file():
             pairs = load_pairs(pairs_file)
             stats = json.loads((out / "preference_stats.json").read_text())
         else:
@@ -341,8 +363,7 @@ class Pipeline:
         policy, tokenizer = self.model_for("sft" if self.stage_done("sft") else None)
         if cfg.rl.algorithm == "dpo":
             return self._run_dpo(policy, tokenizer, out)
-        reward_model = RewardModel.from_pretrained(self.stage_dir("reward") / "model", device=self.device,
-                                                   dtype=cfg.dtype)
+        reward_model = RewardModel.from_pretrained(self.reward_model_dir(), device=self.device, dtype=cfg.dtype)
         algo_config = getattr(cfg.rl, cfg.rl.algorithm)
         value_model = (ValueModel.from_causal_lm(policy, device=self.device, dtype=cfg.dtype)
                        if cfg.rl.algorithm == "ppo" else None)
@@ -372,9 +393,13 @@ class Pipeline:
     def _run_dpo(self, policy, tokenizer, out: Path) -> dict:
         """DPO directly on stage 2's preference pairs (AI-labelled, plus any human pairs)."""
         cfg = self.config
-        pairs = load_pairs(self.stage_dir("reward") / "pairs.jsonl")
+        ai_pairs = self.stage_dir("reward") / "pairs.jsonl"
+        pairs = load_pairs(ai_pairs) if ai_pairs.is_file() else []
         if cfg.data.human_pairs and cfg.data.num_human_pairs > 0:
             pairs += load_pairs(_resolve(cfg.data.human_pairs), limit=cfg.data.num_human_pairs, split="train")
+        if not pairs:
+            raise FileNotFoundError(f"DPO needs preference pairs: none at {ai_pairs} (run stage 2) and no human pairs "
+                                    "(data.human_pairs, data.num_human_pairs)")
         dpo_cfg = dataclasses.replace(cfg.rl.dpo, checkpoint_dir=str(out / "checkpoints"),
                                       log_file=str(out / "metrics.jsonl"))
         trainer = DPOTrainer(policy, tokenizer, dpo_cfg, device=self.device)
@@ -407,7 +432,7 @@ class Pipeline:
             "harmful": (self.prompts("eval_harmful_prompts", n, seed_offset=4), "harmful"),
             "benign": (self.prompts("eval_benign_prompts", n, seed_offset=5), "benign"),
         }
-        reward_dir = self.stage_dir("reward") / "model"
+        reward_dir = self.reward_model_dir(required=False)
         reward_model = RewardModel.from_pretrained(reward_dir, device=self.device) if reward_dir.is_dir() else None
         gen = GenerationConfig(max_new_tokens=cfg.evaluation.max_new_tokens, do_sample=False,
                                batch_size=cfg.evaluation.batch_size)
