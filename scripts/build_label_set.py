@@ -33,6 +33,7 @@ RAW = LABELS_DIR / "raw"
 MODEL_ANSWERS = RAW / "model_answers.jsonl"
 HH_TURNS = RAW / "hh_rlhf_turns.jsonl"
 HANDWRITTEN = RAW / "handwritten.jsonl"
+HANDWRITTEN_CHATSTYLE = RAW / "handwritten_chatstyle.jsonl"  # hand-written in the style of large chat models
 LABEL_FILES = "labels_*.tsv"  # under RAW: id, label (fc|pr|fr), harmful (0|1), kind (-|harmful|benign), note
 OUTPUT = LABELS_DIR / "refusal_labels.jsonl"
 
@@ -240,7 +241,7 @@ _SHORT = {"fc": "full_compliance", "pr": "partial_refusal", "fr": "full_refusal"
 
 def cmd_merge(args):
     answers = []
-    for path in (MODEL_ANSWERS, HH_TURNS, HANDWRITTEN):
+    for path in (MODEL_ANSWERS, HH_TURNS, HANDWRITTEN, HANDWRITTEN_CHATSTYLE):
         if path.exists():
             answers += read_jsonl(path, skip_torn_tail=False)
     labels = {}
