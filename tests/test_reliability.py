@@ -24,6 +24,7 @@ import torch
 
 from src.models import RewardModel, build_tiny_llama
 from src.safety.constitutional import checkpoint as ckpt
+from src.safety.constitutional.dpo import DPOTrainer
 from src.safety.constitutional.io import atomic_write_json, read_prompts
 from src.safety.constitutional.ppo_trainer import PPOConfig, PPOTrainer, PPOTrainingError
 from src.safety.constitutional.reward_training import RewardTrainer, RewardTrainerConfig
@@ -99,9 +100,10 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tokenizer, tmp_path, one_t
 # -- Ctrl-C: the step finishes, a checkpoint is written, the run resumes exactly ---------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["sft", "ppo"])
+@pytest.mark.parametrize("stage", ["sft", "ppo", "dpo"])
 def test_ctrl_c_saves_a_checkpoint_and_resume_is_exact(stage, tokenizer, tmp_path, monkeypatch, one_thread):
-    hook = {"sft": (SFTTrainer, "_log"), "ppo": (PPOTrainer, "train_step")}[stage]
+    hook = {"sft": (SFTTrainer, "_train_step"), "ppo": (PPOTrainer, "train_step"),
+            "dpo": (DPOTrainer, "train_step")}[stage]
     real = getattr(*hook)
     calls = {"n": 0}
 
