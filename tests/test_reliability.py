@@ -274,8 +274,9 @@ def test_ppo_nan_stop_leaves_the_last_good_checkpoint(tokenizer, tmp_path):
     reward = RewardModel.from_causal_lm(build_tiny_llama(tokenizer, seed=1)[0], device="cpu", head_init_std=0.5)
     _poison_after(reward, 2)  # one scoring forward per step: steps 1-2 fine, then NaN scores
     trainer = PPOTrainer(policy, None, reward, tokenizer, "cpu",
-                         config=PPOConfig(learning_rate=1e-3, max_bad_steps=2, reward_normalization="none"))
-    # steps 3 and 4 are skipped (weights untouched; step 3 is still checkpointed), then the run stops
+                         config=PPOConfig(learning_rate=1e-3, max_bad_steps=1, reward_normalization="none"))
+    # steps 3 and 4 are skipped (weights untouched; step 3 is still checkpointed): one bad step in a
+    # row is tolerated, the second stops the run
     with pytest.raises(PPOTrainingError, match="checkpoint-000003"):
         trainer.train(worker.PROMPTS, num_steps=6, batch_size=2, num_epochs_per_batch=1, max_length=3,
                       checkpoint_dir=tmp_path, checkpoint_freq=1, show_progress=False)
