@@ -1,4 +1,4 @@
-"""A short SFT / reward-model / PPO run on the tiny model, for tests/test_reliability.py.
+"""A short SFT / reward-model / PPO / DPO run on the tiny model, for tests/test_reliability.py.
 
 `python tests/reliability_worker.py STAGE OUT_DIR [STEP_DELAY_S]` runs it in a process the test can
 SIGKILL; `run(stage, out_dir)` runs the same thing in-process (uninterrupted, or resuming).
@@ -12,6 +12,7 @@ import torch
 
 
 from src.models import RewardModel, ValueModel, build_tiny_llama, load_tokenizer  # noqa: E402
+from src.safety.constitutional.dpo import DPOConfig, DPOTrainer  # noqa: E402
 from src.safety.constitutional.hh_rlhf import PreferencePair  # noqa: E402
 from src.safety.constitutional.ppo_trainer import PPOConfig, PPOTrainer  # noqa: E402
 from src.safety.constitutional.reward_training import RewardTrainer, RewardTrainerConfig  # noqa: E402
@@ -23,7 +24,7 @@ PROMPTS = ["Say hi", "Name a colour.", "What is two plus two?", "Tell me a short
 
 
 def checkpoint_root(stage: str, out: Path) -> Path:
-    return {"sft": out, "rm": out / "checkpoints", "ppo": out}[stage]
+    return {"sft": out, "rm": out / "checkpoints", "ppo": out, "dpo": out}[stage]
 
 
 def run(stage: str, out: Path, resume: bool = False, step_delay: float = 0.0, tokenizer=None):
@@ -35,7 +36,7 @@ def run(stage: str, out: Path, resume: bool = False, step_delay: float = 0.0, to
         trainer = SFTTrainer(model, tok, SFTConfig(output_dir=str(out), num_epochs=2, batch_size=2,
                                                    learning_rate=1e-3, checkpoint_every=1, keep_last=2,
                                                    eval_fraction=0.0, show_progress=False))
-        _slow(trainer, "_log", step_delay)
+        _slow(trainer, "_train_step", step_delay)
         trainer.train(SFT_RECORDS, eval_records=[], resume_from=resume_from)
         return [model]
     if stage == "rm":
@@ -46,7 +47,7 @@ def run(stage: str, out: Path, resume: bool = False, step_delay: float = 0.0, to
             output_dir=str(out), batch_size=2, num_epochs=1, max_length=32, learning_rate=1e-3,
             eval_fraction=0.0, checkpoint_every=1, keep_checkpoints=2, show_progress=False, warmup_ratio=0.0,
             log_every=1))
-        _slow(trainer, "_log", step_delay)
+        _slow(trainer, "_train_step", step_delay)
         trainer.train(PAIRS, resume_from=resume_from)
         return [rm]
     if stage == "ppo":
@@ -60,6 +61,13 @@ def run(stage: str, out: Path, resume: bool = False, step_delay: float = 0.0, to
         trainer.train(PROMPTS, num_steps=4, batch_size=2, num_epochs_per_batch=1, max_length=3,
                       checkpoint_dir=out, checkpoint_freq=1, resume_from=resume_from, show_progress=False)
         return [trainer.policy, trainer.value_model]
+    if stage == "dpo":
+        policy, _ = build_tiny_llama(tok, seed=0)
+        trainer = DPOTrainer(policy, tok, DPOConfig(batch_size=2, learning_rate=1e-3, checkpoint_dir=str(out),
+                                                    checkpoint_every=1, lr_schedule="linear"))
+        _slow(trainer, "train_step", step_delay)
+        trainer.train(PAIRS, resume_from=resume_from, show_progress=False)
+        return [trainer.policy]
     raise ValueError(f"unknown stage {stage!r}")
 
 

@@ -217,10 +217,10 @@ def test_non_finite_updates_are_skipped_then_training_stops(tokenizer):
     policy, _ = build_tiny_llama(tokenizer, seed=0)
     before = copy.deepcopy(policy.state_dict())
     trainer = PPOTrainer(policy, None, NaNReward(), tokenizer, "cpu",
-                         config=PPOConfig(max_bad_steps=2, reward_normalization="none"))
+                         config=PPOConfig(max_bad_steps=1, reward_normalization="none"))  # 1 tolerated
     stats = trainer.train_step(PROMPTS[:2], **FAST)
     assert stats["skipped_updates"] == 1
-    with pytest.raises(PPOTrainingError, match="max_bad_steps=2"):
+    with pytest.raises(PPOTrainingError, match="max_bad_steps=1"):  # the 2nd bad step in a row stops
         trainer.train_step(PROMPTS[:2], **FAST)
     for k, v in policy.state_dict().items():
         assert torch.equal(v, before[k]), k

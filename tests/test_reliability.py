@@ -24,6 +24,7 @@ import torch
 
 from src.models import RewardModel, build_tiny_llama
 from src.safety.constitutional import checkpoint as ckpt
+from src.safety.constitutional.dpo import DPOTrainer
 from src.safety.constitutional.io import atomic_write_json, read_prompts
 from src.safety.constitutional.ppo_trainer import PPOConfig, PPOTrainer, PPOTrainingError
 from src.safety.constitutional.reward_training import RewardTrainer, RewardTrainerConfig
@@ -99,9 +100,10 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tokenizer, tmp_path, one_t
 # -- Ctrl-C: the step finishes, a checkpoint is written, the run resumes exactly ---------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["sft", "ppo"])
+@pytest.mark.parametrize("stage", ["sft", "ppo", "dpo"])
 def test_ctrl_c_saves_a_checkpoint_and_resume_is_exact(stage, tokenizer, tmp_path, monkeypatch, one_thread):
-    hook = {"sft": (SFTTrainer, "_log"), "ppo": (PPOTrainer, "train_step")}[stage]
+    hook = {"sft": (SFTTrainer, "_train_step"), "ppo": (PPOTrainer, "train_step"),
+            "dpo": (DPOTrainer, "train_step")}[stage]
     real = getattr(*hook)
     calls = {"n": 0}
 
@@ -272,8 +274,9 @@ def test_ppo_nan_stop_leaves_the_last_good_checkpoint(tokenizer, tmp_path):
     reward = RewardModel.from_causal_lm(build_tiny_llama(tokenizer, seed=1)[0], device="cpu", head_init_std=0.5)
     _poison_after(reward, 2)  # one scoring forward per step: steps 1-2 fine, then NaN scores
     trainer = PPOTrainer(policy, None, reward, tokenizer, "cpu",
-                         config=PPOConfig(learning_rate=1e-3, max_bad_steps=2, reward_normalization="none"))
-    # steps 3 and 4 are skipped (weights untouched; step 3 is still checkpointed), then the run stops
+                         config=PPOConfig(learning_rate=1e-3, max_bad_steps=1, reward_normalization="none"))
+    # steps 3 and 4 are skipped (weights untouched; step 3 is still checkpointed): one bad step in a
+    # row is tolerated, the second stops the run
     with pytest.raises(PPOTrainingError, match="checkpoint-000003"):
         trainer.train(worker.PROMPTS, num_steps=6, batch_size=2, num_epochs_per_batch=1, max_length=3,
                       checkpoint_dir=tmp_path, checkpoint_freq=1, show_progress=False)

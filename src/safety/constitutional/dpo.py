@@ -8,7 +8,8 @@ prompt left-padded, answer right-padded, the layout every stage uses), the share
 `logprobs.sequence_logprobs` gives the policy's answer log-probs, and `rl_primitives.dpo_loss`
 compares them with the reference's. The reference's log-probs are computed ONCE for every pair,
 under inference_mode, before training; the reference is then released if this trainer made it.
-Checkpoints use `checkpoint.save_checkpoint` and resume exactly (same weights as an uninterrupted run).
+The step loop, bad-step policy, Ctrl-C, checkpoints and logs are `training_loop.TrainingLoop`'s;
+checkpoints resume exactly (same weights as an uninterrupted run).
 Under torchrun each rank takes its block of every batch and gradients are averaged (`guarded_step`),
 so the weights equal one process's on the whole batch; rank 0 writes.
 """
@@ -25,22 +26,21 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from . import checkpoint as ckpt
 from . import distributed as ddp
 from .generation import GenerationConfig, encode_prompts, left_pad
 from .guarded_step import clip_and_step, finite_on_all_ranks
 from .hh_rlhf import PreferencePair
-from .io import append_jsonl
 from .logprobs import sequence_logprobs
 from .optim import LR_SCHEDULES, adamw, lr_scheduler
 from .ppo_trainer import disable_dropout
 from .rl_primitives import DPO_LOSS_TYPES, dpo_loss
+from .training_loop import LoopCounters, TrainingError, TrainingLoop, load_models, recent_means
 
 log = logging.getLogger(__name__)
 
 
-class DPOTrainingError(RuntimeError):
-    """Training cannot go on (too many consecutive non-finite steps)."""
+class DPOTrainingError(TrainingError):
+    """Training cannot go on (more than max_bad_steps non-finite steps in a row)."""
 
 
 @dataclass
@@ -65,7 +65,7 @@ class DPOConfig:
     checkpoint_dir: Optional[str] = None
     checkpoint_every: int = 0              # steps between checkpoints (0: only at the end, if a dir is set)
     keep_last_checkpoints: int = 3
-    max_bad_steps: int = 3
+    max_bad_steps: int = 3                 # bad (non-finite) steps in a row tolerated (training_loop)
     disable_dropout: bool = True
     seed: int = 0
     log_file: Optional[str] = None
@@ -85,10 +85,10 @@ class DPOConfig:
         need(self.max_prompt_tokens >= 1, "max_prompt_tokens", "must be >= 1")
         need(self.max_answer_tokens >= 1, "max_answer_tokens", "must be >= 1")
         need(self.ref_batch_size >= 1, "ref_batch_size", "must be >= 1")
-        need(self.max_bad_steps >= 1, "max_bad_steps", "must be >= 1")
+        need(self.max_bad_steps >= 0, "max_bad_steps", "must be >= 0")
 
 
-class DPOTrainer:
+class DPOTrainer(LoopCounters):
     """DPO / conservative DPO / IPO on `PreferencePair`s, with a frozen reference (default: a copy
     of the initial policy) whose log-probs are precomputed once."""
 
@@ -108,12 +108,10 @@ class DPOTrainer:
         self.optimizer = adamw([p for p in self.policy.parameters() if p.requires_grad],
                                            lr=self.config.learning_rate, weight_decay=self.config.weight_decay)
         self.scheduler = None
-        self.step = 0
         self.history: List[Dict[str, float]] = []
-        self.consecutive_bad_steps = 0
-        self.total_skipped_updates = 0
         self.ref_logps: Optional[torch.Tensor] = None       # (num_pairs, 2): chosen, rejected
-        self.last_checkpoint: Optional[Path] = None
+        self.loop = TrainingLoop("dpo", self.config.max_bad_steps, error=DPOTrainingError,
+                                 keep_last=self.config.keep_last_checkpoints, log_file=self.config.log_file)
 
     # -- tokenisation --------------------------------------------------------------------------
     def encode(self, pairs: Sequence[PreferencePair]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -172,8 +170,6 @@ class DPOTrainer:
     def train(self, pairs: Sequence[PreferencePair], eval_pairs: Optional[Sequence[PreferencePair]] = None,
               resume_from=None, show_progress: bool = True) -> Dict[str, Any]:
         """Train; returns {"final_stats", "history", "eval"} (eval: metrics on eval_pairs at the end)."""
-        from tqdm.auto import tqdm
-
         cfg = self.config
         pairs = list(pairs)
         if not pairs:
@@ -182,6 +178,7 @@ class DPOTrainer:
         total = cfg.max_steps or cfg.num_epochs * per_epoch
         if self.scheduler is None:
             self.scheduler = lr_scheduler(self.optimizer, cfg.lr_schedule, cfg.warmup_steps, total)
+            self.loop.schedulers = [self.scheduler]
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         if self.ref_logps is None or len(self.ref_logps) != len(pairs):
@@ -193,21 +190,16 @@ class DPOTrainer:
         if self._owns_reference:
             self.ref_model = None  # everything it is needed for is computed: free its memory
 
-        eval_metrics: Dict[str, float] = {}
-        bar = tqdm(total=total, initial=self.step, desc="dpo", disable=not show_progress or not ddp.is_main_process())
-        while self.step < total:
+        def step() -> Dict[str, float]:
             stats = self.train_step(pairs, self._batch_indices(self.step, len(pairs)))
-            bar.update(1)
-            bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['reward_accuracy']:.2f}",
-                            margin=f"{stats['reward_margin']:.3f}")
             if eval_pairs and cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < total:
                 stats.update({f"eval_{k}": v for k, v in self.evaluate(eval_pairs, eval_ref).items()})
-            if cfg.log_file and ddp.is_main_process():
-                append_jsonl(cfg.log_file, stats)
-            if cfg.checkpoint_dir and ((cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)
-                                       or self.step == total):
-                self.save_checkpoint(cfg.checkpoint_dir)
-        bar.close()
+            return stats
+
+        save = (lambda: self.save_checkpoint(cfg.checkpoint_dir)) if cfg.checkpoint_dir else None
+        self.loop.run(step, total, save, checkpoint_every=cfg.checkpoint_every, show_progress=show_progress,
+                      show={"loss": "loss", "acc": "reward_accuracy", "margin": "reward_margin"})
+        eval_metrics: Dict[str, float] = {}
         if eval_pairs:
             eval_metrics = self.evaluate(eval_pairs, eval_ref)
             log.info("dpo eval: %s", eval_metrics)
@@ -248,18 +240,10 @@ class DPOTrainer:
                         self.step + 1, loss_all.item(), grad_norm)
         self.policy.eval()
         lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
-        self.step += 1
-        self.total_skipped_updates += int(skipped)
-        self.consecutive_bad_steps = self.consecutive_bad_steps + 1 if skipped else 0
-        stats = {"step": self.step, "loss": loss_all.item(), **metrics, "grad_norm": grad_norm, "learning_rate": lr,
-                 "skipped": int(skipped), "time_step_s": time.perf_counter() - t0}
+        stats = {"step": self.step + 1, "loss": loss_all.item(), **metrics, "grad_norm": grad_norm,
+                 "learning_rate": lr, "skipped": int(skipped), "time_step_s": time.perf_counter() - t0}
         self.history.append(stats)
-        if self.consecutive_bad_steps >= cfg.max_bad_steps:
-            where = f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
-            raise DPOTrainingError(f"{self.consecutive_bad_steps} consecutive DPO steps were non-finite "
-                                   f"(max_bad_steps={cfg.max_bad_steps}); lower the learning rate{where}.")
-        return stats
+        return self.loop.end_step(stats, int(skipped))  # schedule, count, bad-step policy
 
     @torch.no_grad()
     def evaluate(self, pairs: Sequence[PreferencePair], ref_logps: Optional[torch.Tensor] = None) -> Dict[str, float]:
@@ -274,57 +258,30 @@ class DPOTrainer:
         return {"loss": loss.item(), **metrics}
 
     def _final_stats(self, last: int = 10) -> Dict[str, float]:
-        recent = self.history[-last:]
-
-        def avg(key):
-            vals = [h[key] for h in recent if key in h and math.isfinite(h[key])]
-            return float(sum(vals) / len(vals)) if vals else float("nan")
-        return {"avg_loss": avg("loss"), "avg_reward_accuracy": avg("reward_accuracy"),
-                "avg_reward_margin": avg("reward_margin"), "avg_chosen_reward": avg("chosen_reward"),
-                "avg_rejected_reward": avg("rejected_reward"), "steps": self.step,
-                "skipped_updates": self.total_skipped_updates, "window": len(recent)}
+        means = recent_means(self.history, {"avg_loss": "loss", "avg_reward_accuracy": "reward_accuracy",
+                                            "avg_reward_margin": "reward_margin", "avg_chosen_reward": "chosen_reward",
+                                            "avg_rejected_reward": "rejected_reward"}, last)
+        return {**means, "steps": self.step, "skipped_updates": self.total_skipped_updates,
+                "window": len(self.history[-last:])}
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self, checkpoint_dir, step: Optional[int] = None) -> Path:
         """`<dir>/checkpoint-<step>`: policy/ (HF format + tokenizer), optimiser, scheduler, history,
         the reference log-probs (so a resume needs no reference model), RNG states."""
-        step = self.step if step is None else step
-        state = {"step": self.step, "history": self.history, "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-                 "ref_logps": self.ref_logps, "consecutive_bad_steps": self.consecutive_bad_steps,
-                 "total_skipped_updates": self.total_skipped_updates}
-        if not ddp.is_main_process():  # ranks hold identical weights: one writer, the others wait
-            ddp.barrier()
-            self.last_checkpoint = ckpt.checkpoint_path(checkpoint_dir, step)
-            return self.last_checkpoint
-        models = {}
-        if hasattr(self.policy, "save_pretrained"):
-            models["policy"] = self.policy
-        else:
-            state["module_states"] = {"policy": self.policy.state_dict()}
-        self.last_checkpoint = ckpt.save_checkpoint(
-            checkpoint_dir, step, models, tokenizer=self.tokenizer, trainer_state=state,
-            metadata={"trainer": "dpo", "config": asdict(self.config)}, keep_last=self.config.keep_last_checkpoints)
-        ddp.barrier()
-        return self.last_checkpoint
+        state = {"history": self.history, "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict() if self.scheduler else None, "ref_logps": self.ref_logps}
+        return self.loop.save(checkpoint_dir, {"policy": self.policy}, self.tokenizer, state,
+                              metadata={"trainer": "dpo", "config": asdict(self.config)}, step=step)
 
     def load_checkpoint(self, checkpoint_path) -> int:
-        loaded = ckpt.load_checkpoint(checkpoint_path, restore_rng=True)
+        loaded = self.loop.resume(checkpoint_path)
         state = loaded.trainer_state
-        if "policy" in state.get("module_states", {}):
-            self.policy.load_state_dict(state["module_states"]["policy"])
-        else:
-            ckpt.load_model_weights(self.policy, loaded.model_dir("policy"))
+        load_models(loaded, {"policy": self.policy})
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
-        self.step = int(state["step"])
         self.history = list(state["history"])
         self.ref_logps = state.get("ref_logps")
-        self.consecutive_bad_steps = int(state.get("consecutive_bad_steps", 0))
-        self.total_skipped_updates = int(state.get("total_skipped_updates", 0))
-        self.last_checkpoint = loaded.path
-        log.info("resumed DPO from %s at step %d", loaded.path, self.step)
         return self.step
 
 

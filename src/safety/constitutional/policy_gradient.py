@@ -153,6 +153,7 @@ class PolicyGradientTrainer(PPOTrainer):
         super().__init__(policy_model, _NoValueModel(), reward_model, tokenizer, device, config=base,
                          ref_model=ref_model, reward_tokenizer=reward_tokenizer, judge_reward=judge_reward)
         self.config = config
+        self.loop.stage = self.algorithm  # grpo | rloo | reinforce in logs and messages
         self._warned_vanilla_epochs = False
 
     def _token_values(self, input_ids, attention_mask, prompt_width, response_len) -> torch.Tensor:
@@ -210,15 +211,13 @@ class PolicyGradientTrainer(PPOTrainer):
             lambda idx: self._update_policy_minibatch(rollout, idx, advantages[idx], temperature))
         self.policy.eval()
 
-        beta_used, kl_per_answer = self._close_update(rollout, mask, batch, skipped)
-        if self.policy_scheduler is not None:
-            self.policy_scheduler.step()
-        self._maybe_update_reference()
+        beta_used, kl_per_answer = self._close_update(rollout, mask, batch)
+        self._maybe_update_reference(self.step + 1)
 
         mean = lambda key: float(sum(acc[key]) / len(acc[key])) if acc.get(key) else float("nan")  # noqa: E731
         group_std = rollout.total_scores.view(-1, k).std(1).mean().item() if k > 1 else float("nan")
         stats = {
-            "step": self.step,
+            "step": self.step + 1,
             "policy_loss": mean("policy_loss"),
             "kl_divergence": kl_per_answer.mean().item(),   # nats per answer, k1, rollout vs reference
             "kl_per_token": masked_mean(kl_penalty(rollout.logprobs, rollout.ref_logprobs, "k1"), mask).item(),
@@ -242,8 +241,7 @@ class PolicyGradientTrainer(PPOTrainer):
             "policy_grad_norm": mean("policy_grad_norm"),
             **self._step_bookkeeping(rollout, beta_used, epochs_done, skipped, t_rollout, t0),
         }
-        self._record_step(stats, rollout)
-        return stats
+        return self._record_step(stats, rollout, skipped)  # the loop's end of step
 
     def _update_policy_minibatch(self, rollout: Rollout, idx, advantages, temperature) -> Optional[Dict[str, float]]:
         """One gradient step on the policy. Returns None (and changes nothing) if not finite."""

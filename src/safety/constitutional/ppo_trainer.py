@@ -17,7 +17,10 @@ callable (prompts, answers) -> (batch,) whose value is added to the raw reward-m
 the rollout, *before* `normalise_scores` (so it is whitened, clipped and eos-penalised with it), as in
 rule-based rewards for safety (Mu et al. 2024); `judge_reward.RuleBasedReward` is a ready one.
 
-All the math lives in `rl_primitives` as pure functions; this file orchestrates. Token alignment:
+All the math lives in `rl_primitives` as pure functions; this file orchestrates. The step loop,
+bad-step policy, Ctrl-C, checkpoints and the JSONL log are `training_loop.TrainingLoop`'s; `train_step`
+ends with the loop's `end_step`, so a step taken on its own counts and stops like one in `train`.
+Token alignment:
 with prompt width P (left-padded) and answer width R (right-padded), answer token t sits at column
 P + t and is *predicted* at column P - 1 + t; its log-prob and its value both come from that
 column (as in TRL: `values[:, P - 1:-1]`).
@@ -42,17 +45,15 @@ from src.models.heads import (ScalarHeadModel, ValueModel, backbone_of, head_sco
 from src.models.lora import adapters_disabled, add_lora
 from src.models.precision import autocast
 
-from . import checkpoint as ckpt
 from .generation import GenerationConfig, GenerationOutput, generate, to_messages, tokenize_prompts
 from . import distributed as ddp
-from .interrupts import GracefulInterrupt, interrupted
-from .io import append_jsonl
 from .logprobs import selective_log_softmax, sequence_logprobs
 from .guarded_step import clip_and_step, finite_on_all_ranks
 from .optim import LR_SCHEDULES, adamw, lr_scheduler
 from .rl_primitives import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, RunningMeanStd,
                             clipped_value_loss, compute_gae, conservative_kl_penalty, explained_variance,
                             kl_penalty, masked_mean, masked_whiten, ppo_policy_loss, update_reference)
+from .training_loop import LoopCounters, TrainingError, TrainingLoop, load_models, recent_means
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,8 @@ REWARD_NORMALIZATIONS = ("auto", "running", "model", "none")
 REF_UPDATES = ("none", "copy", "ema")
 
 
-class PPOTrainingError(RuntimeError):
-    """Training cannot go on (e.g. too many consecutive non-finite updates)."""
+class PPOTrainingError(TrainingError):
+    """Training cannot go on (more than max_bad_steps steps in a row with non-finite updates)."""
 
 
 @dataclass
@@ -124,7 +125,7 @@ class PPOConfig:
     lora_target_modules: Optional[List[str]] = None  # None: every Linear but the LM head
     disable_dropout: bool = True            # dropout would make old/new log-probs differ at ratio 1
     # bookkeeping
-    max_bad_steps: int = 3                  # consecutive steps with a non-finite loss/grad before giving up
+    max_bad_steps: int = 3                  # steps in a row with a non-finite loss/grad tolerated (training_loop)
     seed: int = 0                           # prompt sampling and mini-batch shuffling
     keep_last_checkpoints: int = 3
     log_file: Optional[str] = None          # append each step's metrics here as JSON lines
@@ -148,7 +149,7 @@ class PPOConfig:
         need(0 <= self.ref_ema_alpha <= 1, "ref_ema_alpha", "must be in [0, 1]")
         need(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {LR_SCHEDULES}")
         need(self.mini_batch_size is None or self.mini_batch_size >= 1, "mini_batch_size", "must be >= 1")
-        need(self.max_bad_steps >= 1, "max_bad_steps", "must be >= 1")
+        need(self.max_bad_steps >= 0, "max_bad_steps", "must be >= 0")
         need(self.target_kl > 0, "target_kl", "must be > 0")
         need(math.isfinite(self.judge_reward_weight), "judge_reward_weight", "must be a finite number (0: off)")
         need(self.lora_r >= 0, "lora_r", "must be >= 0 (0: no LoRA)")
@@ -208,7 +209,7 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-class PPOTrainer:
+class PPOTrainer(LoopCounters):
     """PPO with a value model, a frozen reference, GAE, per-token KL rewards and exact-resume checkpoints.
 
     Positional arguments follow the guide: (policy_model, value_model, reward_model, tokenizer,
@@ -301,11 +302,10 @@ class PPOTrainer:
             self.kl_ctl = FixedKLController(config.kl_penalty)
         self.reward_stats = RunningMeanStd()
         self.sampler = torch.Generator().manual_seed(config.seed)  # prompts and mini-batch order
-        self.step = 0
         self.history: List[Dict[str, float]] = []
-        self.consecutive_bad_steps = 0
-        self.total_skipped_updates = 0
-        self.last_checkpoint: Optional[Path] = None
+        self.loop = TrainingLoop(self.algorithm, config.max_bad_steps, error=PPOTrainingError,
+                                 advice="Lower the learning rate or check the reward model's outputs.",
+                                 keep_last=config.keep_last_checkpoints, log_file=config.log_file)
 
     # -- setup helpers -----------------------------------------------------------------------
     def _check_reward_vocab(self) -> None:
@@ -346,6 +346,7 @@ class PPOTrainer:
         cfg = self.config
         self.policy_scheduler = lr_scheduler(self.policy_optimizer, cfg.lr_schedule, cfg.warmup_steps, total_steps)
         self.value_scheduler = lr_scheduler(self.value_optimizer, cfg.lr_schedule, cfg.warmup_steps, total_steps)
+        self.loop.schedulers = [self.policy_scheduler, self.value_scheduler]  # stepped once per step (end_step)
 
     # -- frozen forwards ---------------------------------------------------------------------
     def _ref_and_scores(self, input_ids, attention_mask, response_len, temperature, prompt_texts, texts):
@@ -512,15 +513,12 @@ class PPOTrainer:
         self.policy.eval()
         self.value_model.eval()
 
-        beta_used, kl_per_answer = self._close_update(rollout, mask, batch, skipped)
-        for scheduler in (self.policy_scheduler, self.value_scheduler):
-            if scheduler is not None:
-                scheduler.step()
-        self._maybe_update_reference()
+        beta_used, kl_per_answer = self._close_update(rollout, mask, batch)
+        self._maybe_update_reference(self.step + 1)
 
         mean = lambda k: float(sum(acc[k]) / len(acc[k])) if acc.get(k) else float("nan")  # noqa: E731
         stats = {
-            "step": self.step,
+            "step": self.step + 1,
             "policy_loss": mean("policy_loss"),
             "value_loss": mean("value_loss"),
             "kl_divergence": kl_per_answer.mean().item(),   # nats per answer, k1, rollout vs reference
@@ -542,8 +540,7 @@ class PPOTrainer:
             "value_grad_norm": mean("value_grad_norm"),
             **self._step_bookkeeping(rollout, beta_used, epochs_done, skipped, t_rollout, t0),
         }
-        self._record_step(stats, rollout)
-        return stats
+        return self._record_step(stats, rollout, skipped)
 
     @staticmethod
     def _judge_metrics(rollout: Rollout) -> Dict[str, float]:
@@ -596,12 +593,8 @@ class PPOTrainer:
                 break
         return acc, skipped, epochs_done
 
-    def _close_update(self, rollout: Rollout, mask: torch.Tensor, batch: int, skipped: int):
-        """Count the step and its skipped updates, feed the KL controller.
-        Returns (the beta used this step, KL to the reference per answer (batch,))."""
-        self.step += 1
-        self.total_skipped_updates += skipped
-        self.consecutive_bad_steps = self.consecutive_bad_steps + 1 if skipped else 0
+    def _close_update(self, rollout: Rollout, mask: torch.Tensor, batch: int):
+        """Feed the KL controller. Returns (the beta used this step, KL to the reference per answer (batch,))."""
         kl_per_answer = (kl_penalty(rollout.logprobs, rollout.ref_logprobs, "k1") * mask).sum(1)
         beta_used = self.kl_ctl.value
         self.kl_ctl.update(ddp.all_reduce_mean(kl_per_answer.mean().item()), batch * ddp.world_size())
@@ -612,16 +605,11 @@ class PPOTrainer:
         """ppo, or the policy-gradient config's grpo | rloo | reinforce (progress bar, checkpoint metadata)."""
         return getattr(self.config, "algorithm", "ppo")
 
-    def _record_step(self, stats: Dict[str, Any], rollout: Rollout) -> None:
-        """Keep the step's metrics; stop with a clear message after too many non-finite steps."""
+    def _record_step(self, stats: Dict[str, Any], rollout: Rollout, skipped: int) -> Dict[str, Any]:
+        """Keep the step's metrics, then the loop's end of step: schedules, counters, bad-step policy."""
         self.history.append(stats)
         self.last_rollout = rollout
-        if self.consecutive_bad_steps >= self.config.max_bad_steps:
-            where = f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
-            raise PPOTrainingError(
-                f"{self.consecutive_bad_steps} consecutive {self.algorithm.upper()} steps had non-finite losses or gradients "
-                f"(max_bad_steps={self.config.max_bad_steps}); stopping. Lower the learning rate or check the "
-                f"reward model's outputs{where}.")
+        return self.loop.end_step(stats, skipped)
 
     def _update_minibatch(self, rollout: Rollout, idx, advantages, returns, temperature) -> Optional[Dict[str, float]]:
         """One gradient step on policy and value. Returns None (and changes nothing) if not finite."""
@@ -661,9 +649,9 @@ class PPOTrainer:
         return {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), "entropy": entropy_mean.item(),
                 "policy_grad_norm": p_norm, "value_grad_norm": v_norm, **metrics, **vf_metrics}
 
-    def _maybe_update_reference(self) -> None:
+    def _maybe_update_reference(self, step: int) -> None:
         cfg = self.config
-        if cfg.ref_update == "none" or self.step % cfg.ref_update_every:
+        if cfg.ref_update == "none" or step % cfg.ref_update_every:
             return
         update_reference(self.ref_model, self.policy, cfg.ref_update, cfg.ref_ema_alpha)
 
@@ -677,8 +665,6 @@ class PPOTrainer:
         `resume_from` (a checkpoint or a folder of them) continues a run: an interrupted run and an
         uninterrupted one end with identical weights on CPU.
         """
-        from tqdm.auto import tqdm
-
         prompts = list(prompts)
         if not prompts:
             raise ValueError("the prompt list is empty: give at least one prompt")
@@ -693,37 +679,18 @@ class PPOTrainer:
             self.load_checkpoint(resume_from)
         if ddp.world_size() > 1:  # ranks sample different answers (docs/distributed.md: seeding rule)
             torch.manual_seed(ddp.sampling_seed(self.config.seed + self.step))
-        bar = tqdm(total=num_steps, initial=self.step, desc=self.algorithm, disable=not show_progress or not ddp.is_main_process())
-        with GracefulInterrupt() as stop:  # Ctrl-C: finish the step, save a checkpoint, stop
-            self._train_loop(prompts, num_steps, batch_size, num_epochs_per_batch, max_length, temperature,
-                             checkpoint_dir, checkpoint_freq, bar, stop)
-        bar.close()
-        return {"final_stats": self._final_stats(), "history": list(self.history)}
 
-    def _train_loop(self, prompts, num_steps, batch_size, num_epochs_per_batch, max_length, temperature,
-                    checkpoint_dir, checkpoint_freq, bar, stop: GracefulInterrupt) -> None:
-        while self.step < num_steps:
+        def step() -> Dict[str, float]:
             # every rank draws the same prompts (same sampler state) and keeps its share
             batch = ddp.shard(self._sample_prompts(prompts, batch_size))
-            stats = self.train_step(batch, num_epochs_per_batch, max_length, temperature)
-            bar.update(1)
-            bar.set_postfix(score=f"{stats['mean_score']:.3f}", kl=f"{stats['kl_divergence']:.2f}",
-                            s_per_step=f"{stats['time_step_s']:.1f}")
-            log.info("step %d score %.4f reward %.4f kl %.4f clipfrac %.3f len %.1f %.1fs", self.step,
-                     stats["mean_score"], stats["mean_reward"], stats["kl_divergence"], stats["clipfrac"],
-                     stats["answer_length"], stats["time_step_s"])
-            if self.config.log_file and ddp.is_main_process():
-                append_jsonl(self.config.log_file, stats)
-            if checkpoint_dir is not None and checkpoint_freq and (self.step % checkpoint_freq == 0
-                                                                   or self.step == num_steps):
-                self.save_checkpoint(checkpoint_dir, self.step)
-            if stop.should_stop():
-                where = "(nowhere: no checkpoint_dir was given)"
-                if checkpoint_dir is not None:
-                    where = ckpt.checkpoint_path(checkpoint_dir, self.step)
-                    if self.last_checkpoint != where:  # not saved at this step yet
-                        where = self.save_checkpoint(checkpoint_dir, self.step)
-                raise interrupted("PPO", self.step, where)
+            return self.train_step(batch, num_epochs_per_batch, max_length, temperature)
+
+        save = (lambda: self.save_checkpoint(checkpoint_dir)) if checkpoint_dir is not None else None
+        self.loop.run(step, num_steps, save, checkpoint_every=checkpoint_freq, save_last=bool(checkpoint_freq),
+                      show={"score": "mean_score", "reward": "mean_reward", "kl": "kl_divergence",
+                            "clipfrac": "clipfrac", "len": "answer_length", "s/step": "time_step_s"},
+                      show_progress=show_progress)
+        return {"final_stats": self._final_stats(), "history": list(self.history)}
 
     def _sample_prompts(self, prompts: List, batch_size: int) -> List:
         if batch_size <= len(prompts):
@@ -733,16 +700,12 @@ class PPOTrainer:
         return [prompts[i] for i in idx.tolist()]
 
     def _final_stats(self, last: int = 10) -> Dict[str, float]:
-        recent = self.history[-last:]
-
-        def avg(key):
-            vals = [h[key] for h in recent if key in h and math.isfinite(h[key])]
-            return float(sum(vals) / len(vals)) if vals else float("nan")
-        return {"avg_reward": avg("mean_reward"), "avg_kl_divergence": avg("kl_divergence"),
-                "avg_score": avg("mean_score"), "avg_policy_loss": avg("policy_loss"),
-                "avg_value_loss": avg("value_loss"), "avg_answer_length": avg("answer_length"),
-                "avg_fraction_finished": avg("fraction_finished"), "kl_coef": self.kl_ctl.value,
-                "steps": self.step, "skipped_updates": self.total_skipped_updates, "window": len(recent)}
+        means = recent_means(self.history, {
+            "avg_reward": "mean_reward", "avg_kl_divergence": "kl_divergence", "avg_score": "mean_score",
+            "avg_policy_loss": "policy_loss", "avg_value_loss": "value_loss", "avg_answer_length": "answer_length",
+            "avg_fraction_finished": "fraction_finished"}, last)
+        return {**means, "kl_coef": self.kl_ctl.value, "steps": self.step,
+                "skipped_updates": self.total_skipped_updates, "window": len(self.history[-last:])}
 
     def get_statistics(self) -> Dict[str, Any]:
         """Summary of the run so far (averages over the last 10 steps) and the controllers' state."""
@@ -753,7 +716,6 @@ class PPOTrainer:
     # -- checkpoints -------------------------------------------------------------------------
     def _trainer_state(self) -> dict:
         return {
-            "step": self.step,
             "history": self.history,
             "policy_optimizer": self.policy_optimizer.state_dict(),
             "value_optimizer": self.value_optimizer.state_dict(),
@@ -762,43 +724,25 @@ class PPOTrainer:
             "kl_controller": self.kl_ctl.state_dict(),
             "reward_stats": self.reward_stats.state_dict(),
             "sampler": self.sampler.get_state(),
-            "consecutive_bad_steps": self.consecutive_bad_steps,
-            "total_skipped_updates": self.total_skipped_updates,
         }
 
     def save_checkpoint(self, checkpoint_dir, step: Optional[int] = None) -> Path:
         """`<checkpoint_dir>/checkpoint-<step>`: policy/ and value/ (HF format + tokenizer), optimisers,
         schedulers, KL controller, running stats, sampler, history, RNG states."""
-        step = self.step if step is None else step
-        models, state = {}, self._trainer_state()
-        named = {"policy": self.policy, "value": self.value_model}
+        models = {"policy": self.policy, "value": self.value_model}  # a plain nn.Module rides in the state
         if self.config.ref_update != "none":
-            named["reference"] = self.ref_model  # it moves: needed for an exact resume
-        for name, model in named.items():
-            if hasattr(model, "save_pretrained"):
-                models[name] = model
-            else:  # a plain nn.Module (the guide's interface): its weights ride in trainer_state
-                state.setdefault("module_states", {})[name] = model.state_dict()
-        if ddp.is_main_process():  # ranks hold identical weights: one writer, the others wait
-            ckpt.save_checkpoint(
-                checkpoint_dir, step, models, tokenizer=self.tokenizer, trainer_state=state,
-                metadata={"trainer": self.algorithm, "config": asdict(self.config)}, keep_last=self.config.keep_last_checkpoints)
-        ddp.barrier()
-        self.last_checkpoint = ckpt.checkpoint_path(checkpoint_dir, step)
-        return self.last_checkpoint
+            models["reference"] = self.ref_model  # it moves: needed for an exact resume
+        return self.loop.save(checkpoint_dir, models, self.tokenizer, self._trainer_state(),
+                              metadata={"trainer": self.algorithm, "config": asdict(self.config)}, step=step)
 
     def load_checkpoint(self, checkpoint_path) -> int:
         """Restore everything `save_checkpoint` wrote (models in place, RNG states included); returns the step."""
-        loaded = ckpt.load_checkpoint(checkpoint_path, restore_rng=True)
+        loaded = self.loop.resume(checkpoint_path)
         state = loaded.trainer_state
         named = {"policy": self.policy, "value": self.value_model}
-        if (loaded.path / "reference").is_dir():
+        if (loaded.path / "reference").is_dir() or "reference" in state.get("module_states", {}):
             named["reference"] = self.ref_model
-        for name, model in named.items():
-            if name in state.get("module_states", {}):
-                model.load_state_dict(state["module_states"][name])
-            else:
-                ckpt.load_model_weights(model, loaded.model_dir(name))
+        load_models(loaded, named)
         self.policy_optimizer.load_state_dict(state["policy_optimizer"])
         self.value_optimizer.load_state_dict(state["value_optimizer"])
         for scheduler, key in ((self.policy_scheduler, "policy_scheduler"), (self.value_scheduler, "value_scheduler")):
@@ -807,12 +751,7 @@ class PPOTrainer:
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.reward_stats.load_state_dict(state["reward_stats"])
         self.sampler.set_state(state["sampler"])
-        self.step = int(state["step"])
         self.history = list(state["history"])
-        self.consecutive_bad_steps = int(state.get("consecutive_bad_steps", 0))
-        self.total_skipped_updates = int(state.get("total_skipped_updates", 0))
-        self.last_checkpoint = loaded.path
-        log.info("resumed PPO from %s at step %d", loaded.path, self.step)
         return self.step
 
     # -- the guide's helper API --------------------------------------------------------------

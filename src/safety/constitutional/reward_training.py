@@ -15,6 +15,8 @@ bottom layers cannot adapt). Evaluation runs under inference_mode and reuses the
 Truncation keeps the END of each sequence: the final assistant answer (the thing being judged)
 and the last user turn survive; the prompt is cut from the left first, then the answer's start.
 Chosen and rejected share one prompt cut, so both answers are judged in the same context.
+
+The step loop, bad-step policy, Ctrl-C, checkpoints and the JSONL log are `training_loop.TrainingLoop`'s.
 """
 from __future__ import annotations
 
@@ -22,7 +24,6 @@ import logging
 import math
 import random
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,13 +40,13 @@ from src.models.heads import (RewardModel, backbone_of, head_scores, last_token_
 from src.models.precision import autocast
 
 from . import distributed as ddp
-from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
+from .checkpoint import latest_checkpoint
 from .generation import left_pad, render_prompt
 from .hh_rlhf import PreferencePair
-from .interrupts import GracefulInterrupt, interrupted
-from .io import append_jsonl, atomic_dir, atomic_write_json
+from .io import atomic_dir, atomic_write_json
 from .guarded_step import clip_and_step, finite_on_all_ranks
 from .optim import adamw, lr_scheduler
+from .training_loop import TrainingLoop, load_models
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,8 @@ class RewardTrainerConfig:
     checkpoint_every: Optional[int] = None    # steps; a final checkpoint is always written
     keep_checkpoints: int = 2
     seed: int = 0
-    max_bad_steps: int = 10                   # NaN/inf steps skipped before giving up
-    log_file: Optional[str] = None            # metrics JSONL (one line per step + evals)
+    max_bad_steps: int = 10                   # NaN/inf steps in a row tolerated; one more stops (training_loop)
+    log_file: Optional[str] = None            # metrics JSONL (a line every log_every steps + evals)
     log_every: int = 10
     show_progress: bool = True
 
@@ -285,9 +286,8 @@ class RewardTrainer:
         ddp.init_distributed()  # joins torchrun's process group; a no-op in a plain process
         ddp.broadcast_model(reward_model)  # under torchrun every rank starts from rank 0's weights
         self.use_cache = self.config.trainable_layers is not None and self.config.cache_frozen_features
-        self.bad_steps = 0
-        self.global_step = 0
-        self.history: List[dict] = []
+        self.loop: Optional[TrainingLoop] = None  # one per train() call
+        self.history: List[dict] = []             # every step's metrics and every evaluation
         self._features: Dict[int, Tuple[List[torch.Tensor], List[torch.Tensor]]] = {}
 
     # .. data ......................................................................................
@@ -350,10 +350,14 @@ class RewardTrainer:
         warmup = int(self.config.warmup_ratio * total_steps)
         return optimizer, lr_scheduler(optimizer, "linear", warmup, total_steps, min_ratio=0.1)
 
-    def _log(self, record: dict) -> None:
-        self.history.append(record)
-        if self.config.log_file and ddp.is_main_process():
-            append_jsonl(self.config.log_file, record)
+    @property
+    def global_step(self) -> int:
+        return self.loop.step if self.loop else 0
+
+    @property
+    def bad_steps(self) -> int:
+        """Steps skipped as non-finite in this run (all of them, not only the last ones in a row)."""
+        return self.loop.skipped_updates if self.loop else 0
 
     # .. main loop .................................................................................
     def train(self, train_pairs: Sequence[PreferencePair], eval_pairs: Optional[Sequence[PreferencePair]] = None,
@@ -377,93 +381,61 @@ class RewardTrainer:
         steps_per_epoch = math.ceil(len(train_pairs) / cfg.batch_size)
         total_steps = steps_per_epoch * cfg.num_epochs
         optimizer, scheduler = self._optimizer(total_steps)
-
-        start_epoch, skip_batches = 0, 0
+        loop = self.loop = TrainingLoop(
+            "reward model", cfg.max_bad_steps, keep_last=cfg.keep_checkpoints, log_file=cfg.log_file,
+            log_every=cfg.log_every,
+            advice="Lower the learning rate, check the pairs for empty answers, or train in float32.")
+        loop.schedulers = [scheduler]
         if resume_from is not None and latest_checkpoint(resume_from) is not None:
-            ckpt = load_checkpoint(resume_from)
-            load_model_weights(self.model, ckpt.model_dir(MODEL_NAME))
-            optimizer.load_state_dict(ckpt.trainer_state["optimizer"])
-            scheduler.load_state_dict(ckpt.trainer_state["scheduler"])
-            self.global_step = ckpt.step
-            self.bad_steps = int(ckpt.trainer_state.get("bad_steps", 0))
-            start_epoch, skip_batches = divmod(self.global_step, steps_per_epoch)
-            log.info("resumed from %s at step %d", ckpt.path, self.global_step)
+            loaded = loop.resume(resume_from)
+            load_models(loaded, {MODEL_NAME: self.model})
+            optimizer.load_state_dict(loaded.trainer_state["optimizer"])
+            scheduler.load_state_dict(loaded.trainer_state["scheduler"])
 
         features = self._cached_features(0, encoded, "caching frozen layers (train)") if self.use_cache else None
         eval_features = (self._cached_features(1, eval_encoded, "caching frozen layers (eval)")
                          if self.use_cache and eval_pairs else None)
 
-        stop = GracefulInterrupt().install()  # Ctrl-C: finish the step, save, stop
-        last_eval: Optional[Dict[str, float]] = None   # metrics of the eval set after the last epoch
-        seen: Dict[int, Tuple[float, float]] = {}       # last epoch's training rewards, pair index -> (r_c, r_r)
-        try:
-            for epoch in range(start_epoch, cfg.num_epochs):
+        first_step = loop.step
+        batches: List[List[int]] = []
+        epoch_sums = {"loss": 0.0, "accuracy": 0.0, "steps": 0}  # running means over the epoch, for the log
+        seen: Dict[int, Tuple[float, float]] = {}  # this epoch's training rewards, pair index -> (r_c, r_r)
+        last_eval: Optional[Dict[str, float]] = None  # metrics of the eval set after the last epoch
+
+        def step() -> dict:
+            nonlocal last_eval
+            epoch, position = divmod(loop.step, steps_per_epoch)
+            if position == 0 or loop.step == first_step:  # a new epoch (or the resumed one)
+                # the order depends only on (seed, epoch), so a resumed run replays the same batches
+                batches[:] = length_bucketed_batches(lengths, cfg.batch_size, random.Random(cfg.seed * 1000 + epoch))
                 seen.clear()
-                # The order depends only on (seed, epoch), so a resumed run replays the same batches.
-                batches = length_bucketed_batches(lengths, cfg.batch_size, random.Random(cfg.seed * 1000 + epoch))
-                if epoch == start_epoch and skip_batches:
-                    batches = batches[skip_batches:]
+                epoch_sums.update(loss=0.0, accuracy=0.0, steps=0)
                 self.model.train()
-                bar = tqdm(batches, desc=f"reward model epoch {epoch + 1}/{cfg.num_epochs}",
-                           disable=not cfg.show_progress)
-                run_loss, run_acc, run_n = 0.0, 0.0, 0
-                for idx in bar:
-                    # Under torchrun each rank scores its share of the batch; scaling the share's mean
-                    # loss by share * ranks / batch makes the ranks' mean gradient the whole batch's.
-                    local = ddp.shard(idx)
-                    optimizer.zero_grad(set_to_none=True)
-                    if local:
-                        r_c, r_r = self._batch_rewards(encoded, local, features)
-                        loss = bradley_terry_loss(r_c, r_r, self._labels(train_pairs, local), cfg.margin)
-                        if ddp.world_size() > 1:
-                            loss = loss * (len(local) * ddp.world_size() / len(idx))
-                    else:  # fewer pairs than ranks: this rank contributes zero gradients
-                        r_c = r_r = torch.zeros(0)
-                        loss = torch.zeros(())
-                    ok = finite_on_all_ranks(loss)  # all ranks skip together or none does
-                    if ok:
-                        if local:
-                            loss.backward()
-                        _, ok = clip_and_step([(self.model, optimizer, cfg.max_grad_norm)])
-                    if not ok:
-                        self.bad_steps += 1
-                        optimizer.zero_grad(set_to_none=True)
-                        log.warning("non-finite loss or gradient at step %d: skipped (%d so far)",
-                                    self.global_step, self.bad_steps)
-                        if self.bad_steps > cfg.max_bad_steps:
-                            raise RuntimeError(
-                                f"reward training stopped: {self.bad_steps} steps had a NaN/inf loss or gradient "
-                                f"(max_bad_steps={cfg.max_bad_steps}). Lower the learning rate, check the pairs "
-                                "for empty answers, or train in float32; the last good checkpoint is in "
-                                f"{self.output_dir / 'checkpoints'}.")
-                    with warnings.catch_warnings():  # a skipped first step triggers torch's order warning
-                        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-                        scheduler.step()
-                    self.global_step += 1
-                    acc = ddp.all_reduce_mean(((r_c - r_r) > 0).float().mean().item() if local else 0.0)
-                    loss_value = ddp.all_reduce_mean(loss.item()) if ok else 0.0
-                    if local and ok:
-                        seen.update(zip(local, zip(r_c.detach().float().tolist(), r_r.detach().float().tolist())))
-                    run_loss, run_acc, run_n = run_loss + loss_value, run_acc + acc, run_n + 1
-                    bar.set_postfix(loss=f"{run_loss / run_n:.3f}", acc=f"{run_acc / run_n:.3f}")
-                    if self.global_step % cfg.log_every == 0:
-                        self._log({"step": self.global_step, "epoch": epoch, "loss": run_loss / run_n,
-                                   "accuracy": run_acc / run_n, "lr": scheduler.get_last_lr()[0],
-                                   "bad_steps": self.bad_steps, "elapsed_s": round(time.time() - started, 1)})
-                    saved = cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0
-                    if saved:
-                        self.save_checkpoint(optimizer, scheduler)
-                    if stop.should_stop():
-                        where = (checkpoint_path(self.output_dir / "checkpoints", self.global_step) if saved
-                                 else self.save_checkpoint(optimizer, scheduler))
-                        raise interrupted("reward-model training", self.global_step, where)
-                if eval_pairs:
-                    metrics = last_eval = self._evaluate_encoded(eval_pairs, eval_encoded, eval_features)
-                    self._log({"step": self.global_step, "epoch": epoch, **{f"eval_{k}": v for k, v in metrics.items()}})
-                    log.info("epoch %d eval: accuracy %.3f margin %.3f", epoch + 1, metrics["accuracy"],
-                             metrics["mean_margin"])
-        finally:
-            stop.restore()
+            lr = optimizer.param_groups[0]["lr"]
+            out = self._train_step(train_pairs, encoded, batches[position], features, optimizer)
+            seen.update(out["rewards"])
+            for key in ("loss", "accuracy"):
+                epoch_sums[key] += out[key]
+            epoch_sums["steps"] += 1
+            record = {"step": loop.step + 1, "epoch": epoch, "loss": epoch_sums["loss"] / epoch_sums["steps"],
+                      "accuracy": epoch_sums["accuracy"] / epoch_sums["steps"], "lr": lr,
+                      "elapsed_s": round(time.time() - started, 1)}
+            loop.end_step(record, out["skipped"])
+            record["bad_steps"] = loop.skipped_updates
+            self.history.append(record)
+            if position == steps_per_epoch - 1 and eval_pairs:  # the end of an epoch
+                metrics = last_eval = self._evaluate_encoded(eval_pairs, eval_encoded, eval_features)
+                evaluation = {"step": loop.step, "epoch": epoch, **{f"eval_{k}": v for k, v in metrics.items()}}
+                self.history.append(evaluation)
+                loop.log({"event": "eval", **evaluation})
+                log.info("epoch %d eval: accuracy %.3f margin %.3f", epoch + 1, metrics["accuracy"],
+                         metrics["mean_margin"])
+            return record
+
+        # the last step's checkpoint is written below, with the reward statistics
+        loop.run(step, total_steps, lambda: self.save_checkpoint(optimizer, scheduler),
+                 checkpoint_every=cfg.checkpoint_every or 0, save_last=False,
+                 show={"loss": "loss", "acc": "accuracy"}, show_progress=cfg.show_progress)
 
         # Normalisation statistics for PPO: rewards over chosen + rejected of the reference set. No
         # extra forward pass where one was already made: the eval set was just scored with the final
@@ -485,13 +457,43 @@ class RewardTrainer:
         self.save_checkpoint(optimizer, scheduler)
         if ddp.is_main_process():
             self.save_final()
-        summary = {"steps": self.global_step, "bad_steps": self.bad_steps, "train_pairs": len(train_pairs),
+        summary = {"steps": loop.step, "bad_steps": loop.skipped_updates, "train_pairs": len(train_pairs),
                    "eval_pairs": len(eval_pairs), "elapsed_s": round(time.time() - started, 1),
                    **{f"eval_{k}": v for k, v in final.items()}}
         if ddp.is_main_process():
             atomic_write_json(self.output_dir / "train_summary.json", {"summary": summary, "config": asdict(cfg)})
         ddp.barrier()
         return summary
+
+    def _train_step(self, pairs, encoded, idx: List[int], features, optimizer) -> dict:
+        """One optimiser step on pairs[idx]: {"loss", "accuracy" (of the whole batch), "skipped" (0 or 1),
+        "rewards": {pair index: (r_chosen, r_rejected)} this rank scored}."""
+        cfg = self.config
+        # Under torchrun each rank scores its share of the batch; scaling the share's mean loss by
+        # share * ranks / batch makes the ranks' mean gradient the whole batch's.
+        local = ddp.shard(idx)
+        optimizer.zero_grad(set_to_none=True)
+        if local:
+            r_c, r_r = self._batch_rewards(encoded, local, features)
+            loss = bradley_terry_loss(r_c, r_r, self._labels(pairs, local), cfg.margin)
+            if ddp.world_size() > 1:
+                loss = loss * (len(local) * ddp.world_size() / len(idx))
+        else:  # fewer pairs than ranks: this rank contributes zero gradients
+            r_c = r_r = torch.zeros(0)
+            loss = torch.zeros(())
+        ok = finite_on_all_ranks(loss)  # all ranks skip together or none does
+        if ok:
+            if local:
+                loss.backward()
+            _, ok = clip_and_step([(self.model, optimizer, cfg.max_grad_norm)])
+        if not ok:
+            optimizer.zero_grad(set_to_none=True)
+        accuracy = ddp.all_reduce_mean(((r_c - r_r) > 0).float().mean().item() if local else 0.0)
+        rewards = {}
+        if local and ok:
+            rewards = dict(zip(local, zip(r_c.detach().float().tolist(), r_r.detach().float().tolist())))
+        return {"loss": ddp.all_reduce_mean(loss.item()) if ok else 0.0, "accuracy": accuracy,
+                "skipped": int(not ok), "rewards": rewards}
 
     @torch.inference_mode()
     def _evaluate_encoded(self, pairs, encoded, features=None) -> Dict[str, float]:
@@ -514,15 +516,9 @@ class RewardTrainer:
 
     # .. persistence ...............................................................................
     def save_checkpoint(self, optimizer, scheduler) -> Path:
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "bad_steps": self.bad_steps}
-        root = self.output_dir / "checkpoints"
-        if ddp.is_main_process():  # ranks hold identical weights: one writer
-            save_checkpoint(root, self.global_step, {MODEL_NAME: self.model}, tokenizer=self.tokenizer,
-                            trainer_state=state, metadata={"stage": "reward_model", "config": asdict(self.config)},
-                            keep_last=self.config.keep_checkpoints)
-        ddp.barrier()
-        return checkpoint_path(root, self.global_step)
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        return self.loop.save(self.output_dir / "checkpoints", {MODEL_NAME: self.model}, self.tokenizer, state,
+                              metadata={"stage": "reward_model", "config": asdict(self.config)})
 
     def save_final(self) -> Path:
         """The trained model as a plain HF directory (with tokenizer and reward stats), written atomically."""

@@ -11,7 +11,8 @@ stop where generation stops.
 Batches are length-bucketed (shuffle, cut into chunks of `bucket_batches` batches, sort each chunk
 by length) and padded per batch, so little compute goes to padding. The data order of every epoch
 is a pure function of (seed, epoch), and the checkpoint stores the epoch and position within it,
-so a resumed run sees exactly the batches the uninterrupted run would have seen.
+so a resumed run sees exactly the batches the uninterrupted run would have seen. The step loop,
+bad-step policy, Ctrl-C, checkpoints and the JSONL log are `training_loop.TrainingLoop`'s.
 """
 from __future__ import annotations
 
@@ -27,19 +28,16 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from src.models.checkpointing import enable_gradient_checkpointing
 from src.models.lora import add_lora
 
 from . import distributed as ddp
-from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
 from .generation import render_prompt
-from .interrupts import GracefulInterrupt, interrupted
-from .io import append_jsonl
 from .logprobs import lm_logits
 from .guarded_step import clip_and_step
 from .optim import LR_SCHEDULES, adamw, lr_scheduler
+from .training_loop import TrainingLoop, load_models
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +67,7 @@ class SFTConfig:
     checkpoint_every: int = 0         # optimiser steps; 0 = only the final checkpoint
     keep_last: int = 2
     seed: int = 0
-    max_bad_steps: int = 10           # stop after this many NaN/inf steps
+    max_bad_steps: int = 10           # NaN/inf steps in a row tolerated; one more stops (training_loop)
     log_file: Optional[str] = None    # JSONL metrics log (appended)
     gradient_checkpointing: bool = False
     lora_r: int = 0                   # LoRA rank (0: full fine-tuning); src/models/lora.py, merge_lora to export
@@ -288,53 +286,43 @@ class SFTTrainer:
             lr=cfg.learning_rate, betas=cfg.adam_betas)
         scheduler = lr_scheduler(optimizer, cfg.lr_schedule, warmup_steps, total_steps, cfg.min_lr_ratio)
 
-        state = {"step": 0, "bad_steps": 0, "train_loss": [], "eval_loss": [], "eval_loss_before": None,
-                 "tokens_seen": 0}
+        loop = self.loop = TrainingLoop(
+            "sft", cfg.max_bad_steps, keep_last=cfg.keep_last, log_file=cfg.log_file,
+            advice="Lower learning_rate, train in float32, or look for broken records.")
+        loop.schedulers = [scheduler]  # also stepped after a skipped step: the schedule follows the data position
+        state = {"step": 0, "train_loss": [], "eval_loss": [], "eval_loss_before": None, "tokens_seen": 0}
         if resume_from is not None:
-            state = self._resume(resume_from, optimizer, scheduler, fingerprint, state)
+            self._resume(resume_from, optimizer, scheduler, fingerprint, state)
         else:
             state["eval_loss_before"] = self.evaluate(eval_ex)
             if state["eval_loss_before"] is not None:
-                self._log({"event": "eval", "step": 0, "eval_loss": state["eval_loss_before"]})
+                loop.log({"event": "eval", "step": 0, "eval_loss": state["eval_loss_before"]})
 
-        start_step = state["step"]
+        def step() -> dict:
+            state["step"] = loop.step
+            epoch, step_in_epoch = divmod(loop.step, steps_per_epoch)
+            batches = length_bucketed_batches(lengths, cfg.batch_size, cfg.bucket_batches, cfg.seed, epoch)
+            group = batches[step_in_epoch * cfg.grad_accum_steps:(step_in_epoch + 1) * cfg.grad_accum_steps]
+            record = self._train_step(group, train_ex, optimizer, state)
+            record.update(step=loop.step + 1, epoch=epoch + (step_in_epoch + 1) / steps_per_epoch)
+            return loop.end_step(record, int(record["skipped"]))
+
         start_time = time.time()
         self.model.train()
-        bar = tqdm(total=total_steps, initial=start_step, desc="sft", unit="step",
-                   disable=not cfg.show_progress or not ddp.is_main_process(), dynamic_ncols=True)
-        last_ckpt = None
-        stop = GracefulInterrupt().install()  # Ctrl-C: finish the step, save, stop
-        try:
-            for step in range(start_step, total_steps):
-                epoch, step_in_epoch = divmod(step, steps_per_epoch)
-                batches = length_bucketed_batches(lengths, cfg.batch_size, cfg.bucket_batches, cfg.seed, epoch)
-                group = batches[step_in_epoch * cfg.grad_accum_steps:(step_in_epoch + 1) * cfg.grad_accum_steps]
-                record = self._train_step(group, train_ex, optimizer, state)
-                scheduler.step()  # also after a skipped step: the schedule follows the data position
-                state["step"] = step + 1
-                record.update(step=step + 1, epoch=epoch + (step_in_epoch + 1) / steps_per_epoch)
-                self._log({"event": "train", **record})
-                bar.update(1)
-                if record["loss"] is not None and math.isfinite(record["loss"]):
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}")
-                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total_steps:
-                    last_ckpt = self._save(step + 1, optimizer, scheduler, fingerprint, state)
-                if stop.should_stop():
-                    if last_ckpt is None or Path(last_ckpt).name != checkpoint_path("", step + 1).name:
-                        last_ckpt = self._save(step + 1, optimizer, scheduler, fingerprint, state)
-                    raise interrupted("SFT", step + 1, last_ckpt)
-        finally:
-            stop.restore()
-            bar.close()
+        save = lambda: self._save(optimizer, scheduler, fingerprint, state)  # noqa: E731
+        # the last step's checkpoint is written below, after the final evaluation
+        loop.run(step, total_steps, save, checkpoint_every=cfg.checkpoint_every, save_last=False,
+                 show={"loss": "loss", "lr": "lr"}, show_progress=cfg.show_progress)
+        state["step"] = loop.step
 
         eval_after = self.evaluate(eval_ex)
         if eval_after is not None:
-            state["eval_loss"].append([state["step"], eval_after])
-            self._log({"event": "eval", "step": state["step"], "eval_loss": eval_after})
-        last_ckpt = self._save(state["step"], optimizer, scheduler, fingerprint, state)
+            state["eval_loss"].append([loop.step, eval_after])
+            loop.log({"event": "eval", "step": loop.step, "eval_loss": eval_after})
+        last_ckpt = save()
         losses = [loss for _, loss in state["train_loss"]]
         metrics = {
-            "steps": state["step"],
+            "steps": loop.step,
             "total_steps": total_steps,
             "epochs": cfg.num_epochs,
             "n_train": len(train_ex),
@@ -344,17 +332,18 @@ class SFTTrainer:
             "train_loss_last": losses[-1] if losses else None,
             "eval_loss_before": state["eval_loss_before"],
             "eval_loss_after": eval_after,
-            "bad_steps": state["bad_steps"],
+            "bad_steps": loop.skipped_updates,
             "tokens_seen": state["tokens_seen"],
             "train_time_s": time.time() - start_time,
             "checkpoint": str(last_ckpt),
             "model_dir": str(Path(last_ckpt) / MODEL_NAME),
         }
-        self._log({"event": "done", **{k: v for k, v in metrics.items() if k != "train_loss"}})
+        loop.log({"event": "done", **{k: v for k, v in metrics.items() if k != "train_loss"}})
         return metrics
 
     def _train_step(self, group: List[List[int]], examples: Sequence[SFTExample], optimizer, state) -> dict:
-        """One optimiser step over `grad_accum_steps` micro-batches; non-finite steps are skipped."""
+        """One optimiser step over `grad_accum_steps` micro-batches; a non-finite one is skipped
+        (`"skipped": True`; the loop counts it and applies the bad-step policy)."""
         cfg = self.config
         micro = [collate([examples[i] for i in batch], self.tokenizer.pad_token_id) for batch in group]
         # Normalise by the answer tokens of the whole step, so accumulation equals one big batch.
@@ -384,28 +373,17 @@ class SFTTrainer:
             (grad_norm,), finite = clip_and_step([(self.model, optimizer, max_norm)])
         if not finite:
             optimizer.zero_grad(set_to_none=True)
-            state["bad_steps"] += 1
-            msg = (f"SFT step {state['step'] + 1}: non-finite loss or gradient norm, step skipped "
-                   f"({state['bad_steps']} so far)")
-            log.warning(msg)
-            self._log({"event": "bad_step", "step": state["step"] + 1, "bad_steps": state["bad_steps"]})
-            if state["bad_steps"] > cfg.max_bad_steps:
-                raise RuntimeError(
-                    f"SFT stopped: {state['bad_steps']} steps had a NaN/inf loss or gradient norm "
-                    f"(max_bad_steps={cfg.max_bad_steps}). Lower learning_rate, train in float32, or look "
-                    f"for broken records; the last good checkpoint is in {cfg.output_dir}.")
             return {"loss": None, "grad_norm": None, "lr": lr, "skipped": True, "tokens": n_tokens}
         state["train_loss"].append([state["step"] + 1, total_loss])
         state["tokens_seen"] += n_tokens
         return {"loss": total_loss, "grad_norm": grad_norm, "lr": lr, "skipped": False, "tokens": n_tokens}
 
-    # -- checkpoints and logs ----------------------------------------------------------------------
-    def _save(self, step: int, optimizer, scheduler, fingerprint: str, state: dict) -> Path:
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def _save(self, optimizer, scheduler, fingerprint: str, state: dict) -> Path:
         trainer_state = {
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "step": step,
-            "bad_steps": state["bad_steps"],
+            "bad_steps": self.loop.skipped_updates,
             "train_loss": state["train_loss"],
             "eval_loss": state["eval_loss"],
             "eval_loss_before": state["eval_loss_before"],
@@ -415,30 +393,21 @@ class SFTTrainer:
             "data_fingerprint": fingerprint,
         }
         config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()}
-        if ddp.is_main_process():  # ranks hold identical weights: one writer, the others wait
-            save_checkpoint(self.config.output_dir, step, {MODEL_NAME: self.model}, self.tokenizer,
-                            trainer_state=trainer_state, metadata={"stage": "sft", "config": config},
-                            keep_last=self.config.keep_last)
-        ddp.barrier()
-        return checkpoint_path(self.config.output_dir, step)
+        return self.loop.save(self.config.output_dir, {MODEL_NAME: self.model}, self.tokenizer, trainer_state,
+                              metadata={"stage": "sft", "config": config})
 
     def _resume(self, path, optimizer, scheduler, fingerprint: str, state: dict) -> dict:
-        resolved = latest_checkpoint(path)
-        if resolved is None:
-            raise FileNotFoundError(f"cannot resume: no complete checkpoint at {path}")
-        ckpt = load_checkpoint(resolved)
-        ts = ckpt.trainer_state
-        if ts.get("data_fingerprint") != fingerprint or ts.get("data_seed") != self.config.seed:
-            raise ValueError(f"cannot resume from {resolved}: it was trained on different SFT data or seed "
-                             "(the data order would not match); use the same records and config.seed")
-        load_model_weights(self.model, ckpt.model_dir(MODEL_NAME))
+        def same_data(loaded) -> None:
+            ts = loaded.trainer_state
+            if ts.get("data_fingerprint") != fingerprint or ts.get("data_seed") != self.config.seed:
+                raise ValueError(f"cannot resume from {loaded.path}: it was trained on different SFT data or seed "
+                                 "(the data order would not match); use the same records and config.seed")
+
+        loaded = self.loop.resume(path, check=same_data)
+        ts = loaded.trainer_state
+        load_models(loaded, {MODEL_NAME: self.model})
         optimizer.load_state_dict(ts["optimizer"])
         scheduler.load_state_dict(ts["scheduler"])
-        state.update({k: ts[k] for k in ("step", "bad_steps", "train_loss", "eval_loss", "eval_loss_before",
-                                         "tokens_seen")})
-        log.info("resumed SFT from %s at step %d", resolved, state["step"])
+        state.update({k: ts[k] for k in ("train_loss", "eval_loss", "eval_loss_before", "tokens_seen")})
+        state["step"] = self.loop.step
         return state
-
-    def _log(self, record: dict) -> None:
-        if self.config.log_file and ddp.is_main_process():
-            append_jsonl(self.config.log_file, {"stage": "sft", "time": time.time(), **record})
