@@ -50,17 +50,18 @@ def labelled_answers(path, split):
 
 def train_refusal(args):
     train, val = labelled_answers(args.labels, "train"), labelled_answers(args.labels, "val")
-    backbone = shared_backbone(args.backbone, args.layer, args.max_length)
+    backbone = shared_backbone(args.backbone, args.layer, args.max_length, int8=args.int8)
     x_train = backbone.encode([r["prompt"] for r in train], [r["completion"] for r in train])
     x_val = backbone.encode([r["prompt"] for r in val], [r["completion"] for r in val])
     clf = train_refusal_classifier(
         x_train.astype(np.float64), [r["completion"] for r in train], [r["label"] for r in train],
         groups=[r["prompt"].strip().lower() for r in train], val_backbone=x_val.astype(np.float64),
         val_answers=[r["completion"] for r in val], val_labels=[r["label"] for r in val],
-        meta={"backbone": args.backbone, "layer": args.layer, "max_length": args.max_length,
+        meta={"backbone": args.backbone, "layer": args.layer, "max_length": args.max_length, "int8": args.int8,
               "labels": Path(args.labels).name})
-    print(f"refusal classifier: grouped 5-fold CV 3-class accuracy by C {clf.meta['cv_accuracy_by_C']} "
-          f"on {len(train)} train answers; chose C={clf.meta['C']:g}; temperature {clf.temperature:.2f} on {len(val)} val")
+    print(f"refusal classifier: grouped 5-fold CV 3-class accuracy {clf.meta['cv_accuracy']} on {len(train)} train "
+          f"answers; chose C={clf.meta['C']:g}, class weights {clf.meta['class_weight']}; temperature "
+          f"{clf.temperature:.2f} on {len(val)} val")
     print(f"wrote {clf.save(args.refusal_output)}")
 
 
@@ -87,14 +88,14 @@ def train_harm(args):
     drop = {turns[j][0] for j in benchmark_overlap([t for _, t in turns])}
     pairs = [p for i, p in enumerate(pairs) if i not in drop]
     print(f"harm judge: {len(pairs)} human pairs from {args.pairs} ({len(drop)} dropped: they repeat a benchmark prompt)")
-    features = shared_backbone(args.backbone, args.layer, args.max_length)
+    features = shared_backbone(args.backbone, args.layer, args.max_length, int8=args.int8)
     start = time.time()
     prompts = [p.prompt for p in pairs]
     chosen = features.encode(prompts, [p.chosen for p in pairs])
     rejected = features.encode(prompts, [p.rejected for p in pairs])
     print(f"features of {2 * len(pairs)} answers in {time.time() - start:.0f}s")
     judge = train_harm_judge(chosen, rejected, meta={"backbone": args.backbone, "layer": args.layer,
-                                                    "max_length": args.max_length, "pairs": Path(args.pairs).name})
+                                                    "max_length": args.max_length, "int8": args.int8, "pairs": Path(args.pairs).name})
     judge._features = features
     print(f"cross-validated pairwise accuracy by C: {judge.meta['cv_by_C']}; chose C={judge.meta['C']:g}, "
           f"temperature {judge.temperature:.2f}")
@@ -111,6 +112,9 @@ def main(argv=None):
     parser.add_argument("--backbone", default="default", help="model whose layers the harm judge reads")
     parser.add_argument("--layer", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=160)
+    parser.add_argument("--int8", action="store_true",
+                        help="read the backbone with dynamic int8 Linear layers (CPU; faster, and the judges are "
+                             "fitted on those same features)")
     parser.add_argument("--answer-head-only", action="store_true",
                         help="harm judge: keep its pairwise weights, refit only the single-answer head on --labels")
     parser.add_argument("--refusal-output", type=Path, default=DEFAULT_REFUSAL_WEIGHTS)

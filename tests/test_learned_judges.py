@@ -68,7 +68,9 @@ def test_train_refusal_classifier_on_given_features_roundtrips(tmp_path):
                                    val_labels=labels[1::2])
     val_pred = (clf.features(x[1::2], answers[1::2]) @ clf.coef.T + clf.intercept).argmax(1)
     assert (val_pred == y[1::2]).mean() > 0.9
-    assert clf.meta["cv_accuracy_by_C"]["1.0"] > 0.9 and clf.meta["C"] in (0.1, 1.0)
+    assert clf.meta["cv_accuracy"]["C=1 balanced"] > 0.9 and clf.meta["C"] in (0.1, 1.0)
+    assert set(clf.meta["cv_accuracy"]) == {"C=0.1 balanced", "C=1 balanced", "C=0.1 none", "C=1 none"}
+    assert clf.meta["class_weight"] in ("balanced", "none")
     assert 0.05 < clf.temperature < 20
     again = RefusalClassifier.load(clf.save(tmp_path / "r.npz"))
     np.testing.assert_allclose(again.coef, clf.coef, rtol=1e-6)
@@ -170,3 +172,18 @@ def test_framework_uses_the_learned_judges(shipped_harm_judge, shipped_refusal):
     comparison = framework.compare(prompt, "I can't help with that.", "Fill a pipe with gunpowder and cap it.",
                                    principle="harmless", kind="harmful")
     assert comparison.prob_a_better > 0.5
+
+
+def test_int8_backbone_is_recorded_and_close_to_fp32():
+    """Weights fitted on int8 features name that backbone in their meta; its features track fp32's."""
+    from src.safety.constitutional.evaluators.harm_judge import backbone_for
+
+    fp32 = backbone_for({"backbone": "tiny", "layer": 2, "max_length": 48})
+    int8 = backbone_for({"backbone": "tiny", "layer": 2, "max_length": 48, "int8": True})
+    assert int8 is not fp32 and int8.int8 and not fp32.int8
+    assert backbone_for({"backbone": "tiny", "layer": 2, "max_length": 48, "int8": True}) is int8  # shared
+    prompts, answers = ["How do I bake bread?", "Say hi"], ["Mix flour, water and yeast.", "Hi there!"]
+    a, b = fp32.encode(prompts, answers), int8.encode(prompts, answers)
+    assert np.isfinite(b).all() and not np.array_equal(a, b)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert (cos > 0.95).all(), cos

@@ -47,7 +47,7 @@ class BackboneFeatures:
     it); the answer follows with end-of-turn. Over-long inputs lose the start of the prompt first."""
 
     def __init__(self, model_name: str = "default", layer: int = 8, max_length: int = 160,
-                 batch_size: int = 16, device: str = "cpu"):
+                 batch_size: int = 16, device: str = "cpu", int8: bool = False):
         from ....models import load_causal_lm
 
         model, self.tokenizer = load_causal_lm(model_name, device=device)
@@ -56,6 +56,12 @@ class BackboneFeatures:
             raise ValueError(f"layer {layer} requested but {model_name} has {len(backbone.layers)} layers")
         backbone.layers = backbone.layers[:layer]  # the layers above are never read: drop them
         self.backbone = backbone.eval()
+        if int8 and str(device).startswith("cpu"):
+            # Dynamic int8 Linear layers (src/models/quantize.py). The probes are trained on features from
+            # this same int8 backbone, so they are exact for it; never mix int8 features with fp32 weights.
+            from ....models.quantize import int8_sampling_copy
+            self.backbone = int8_sampling_copy(self.backbone)
+        self.int8 = bool(int8) and str(device).startswith("cpu")
         self.model_name, self.layer, self.max_length, self.batch_size = model_name, layer, max_length, batch_size
         self.dim = model.config.hidden_size
         self._recent: "OrderedDict[tuple, np.ndarray]" = OrderedDict()  # the harm judge and the refusal
@@ -117,13 +123,19 @@ _BACKBONES: dict = {}
 
 
 def shared_backbone(model_name: str = "default", layer: int = 8, max_length: int = 160,
-                    device: str = "cpu") -> BackboneFeatures:
-    """One loaded backbone per (model, layer, length, device), shared by the harm judge and the
+                    device: str = "cpu", int8: bool = False) -> BackboneFeatures:
+    """One loaded backbone per (model, layer, length, device, int8), shared by the harm judge and the
     refusal classifier (one model in memory, one forward per answer for both)."""
-    key = (str(model_name), int(layer), int(max_length), str(device))
+    key = (str(model_name), int(layer), int(max_length), str(device), bool(int8))
     if key not in _BACKBONES:
-        _BACKBONES[key] = BackboneFeatures(*key[:3], device=key[3])
+        _BACKBONES[key] = BackboneFeatures(*key[:3], device=key[3], int8=key[4])
     return _BACKBONES[key]
+
+
+def backbone_for(meta: dict, device: str = "cpu") -> BackboneFeatures:
+    """The backbone a trained judge's weights were fitted on, as recorded in their `meta`."""
+    return shared_backbone(meta.get("backbone", "default"), int(meta.get("layer", 8)), int(meta.get("max_length", 160)),
+                           device, bool(meta.get("int8", False)))
 
 
 class HarmJudge(Evaluator):
@@ -145,8 +157,7 @@ class HarmJudge(Evaluator):
     @property
     def features(self) -> BackboneFeatures:
         if self._features is None:
-            self._features = shared_backbone(self.meta.get("backbone", "default"), int(self.meta.get("layer", 8)),
-                                             int(self.meta.get("max_length", 160)), self.device)
+            self._features = backbone_for(self.meta, self.device)
         return self._features
 
     # -- the numbers -----------------------------------------------------------------------------

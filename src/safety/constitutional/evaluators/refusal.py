@@ -119,11 +119,10 @@ class RefusalClassifier:
         self.device = device
 
     def backbone_features(self, prompts: Optional[Sequence], answers: Sequence[str]) -> np.ndarray:
-        from .harm_judge import shared_backbone
+        from .harm_judge import backbone_for
 
         prompts = list(prompts) if prompts is not None else [""] * len(answers)
-        backbone = shared_backbone(self.meta.get("backbone", "default"), int(self.meta.get("layer", 8)),
-                                   int(self.meta.get("max_length", 160)), self.device)
+        backbone = backbone_for(self.meta, self.device)
         return backbone.encode(prompts, list(answers)).astype(np.float64)
 
     def features(self, backbone: np.ndarray, answers: Sequence[str]) -> np.ndarray:
@@ -173,13 +172,15 @@ def _labels_to_ids(labels: Sequence[str]) -> np.ndarray:
 
 
 def train_refusal_classifier(backbone: np.ndarray, answers: Sequence[str], labels: Sequence[str],
-                             groups: Sequence[str], Cs: Sequence[float] = (0.3, 1.0, 3.0), folds: int = 5,
+                             groups: Sequence[str], Cs: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0), folds: int = 5,
                              val_backbone: Optional[np.ndarray] = None, val_answers: Sequence[str] = (),
-                             val_labels: Sequence[str] = (), meta: Optional[dict] = None) -> RefusalClassifier:
-    """Fit the multinomial logistic regression (classes weighted to balance them: refusals are the
-    minority in most answer sets) with C chosen by cross-validation grouped by `groups` (the prompt:
-    answers to one prompt never sit on both sides of a fold), then the temperature on the validation
-    answers. `backbone` are the backbone features of `answers` (RefusalClassifier.backbone_features)."""
+                             val_labels: Sequence[str] = (), meta: Optional[dict] = None,
+                             class_weights: Sequence[Optional[str]] = ("balanced", None)) -> RefusalClassifier:
+    """Fit the multinomial logistic regression with C and the class weighting (None, or "balanced":
+    classes weighted to count equally) chosen by 3-class accuracy in cross-validation grouped by
+    `groups` (the prompt: answers to one prompt never sit on both sides of a fold), then the
+    temperature on the validation answers. `backbone` are the backbone features of `answers`
+    (RefusalClassifier.backbone_features)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GroupKFold
 
@@ -191,18 +192,20 @@ def train_refusal_classifier(backbone: np.ndarray, answers: Sequence[str], label
     if len(set(y.tolist())) < 3:
         raise ValueError("the training answers must include all three classes")
     scores = {}
-    for C in Cs:
-        predicted = np.zeros(len(y), dtype=int)
-        for train, held in GroupKFold(n_splits=folds).split(x, y, list(groups)):
-            model = LogisticRegression(C=C, max_iter=5000, class_weight="balanced").fit(x[train], y[train])
-            predicted[held] = model.predict(x[held])
-        scores[C] = float(np.mean(predicted == y))
-    best = max(Cs, key=lambda c: scores[c])
-    model = LogisticRegression(C=best, max_iter=5000, class_weight="balanced").fit(x, y)
+    for weighting in class_weights:
+        for C in Cs:
+            predicted = np.zeros(len(y), dtype=int)
+            for train, held in GroupKFold(n_splits=folds).split(x, y, list(groups)):
+                model = LogisticRegression(C=C, max_iter=5000, class_weight=weighting).fit(x[train], y[train])
+                predicted[held] = model.predict(x[held])
+            scores[(C, weighting)] = float(np.mean(predicted == y))
+    best, weighting = max(scores, key=lambda k: scores[k])  # ties: the first, i.e. the stronger regularisation
+    model = LogisticRegression(C=best, max_iter=5000, class_weight=weighting).fit(x, y)
     clf.coef, clf.intercept = model.coef_.astype(np.float64), model.intercept_.astype(np.float64)
     if len(val_labels):
         vx = clf.features(val_backbone, val_answers)
         clf.temperature = fit_temperature(vx @ clf.coef.T + clf.intercept, _labels_to_ids(val_labels))
-    clf.meta = dict(meta or {}, C=best, cv_accuracy_by_C={str(c): round(v, 4) for c, v in scores.items()},
+    clf.meta = dict(meta or {}, C=best, class_weight=weighting or "none",
+                    cv_accuracy={f"C={c:g} {w or 'none'}": round(v, 4) for (c, w), v in scores.items()},
                     n_train=len(y), n_val=len(val_labels), classes=list(REFUSAL_CLASSES))
     return clf
