@@ -45,7 +45,7 @@ from src.models.heads import (ScalarHeadModel, ValueModel, backbone_of, head_sco
 from src.models.lora import adapters_disabled, add_lora
 from src.models.precision import autocast
 
-from .generation import GenerationConfig, GenerationOutput, generate, to_messages, tokenize_prompts
+from .generation import GenerationConfig, GenerationOutput, encode_answers, generate, to_messages, tokenize_prompts
 from . import distributed as ddp
 from .logprobs import selective_log_softmax, sequence_logprobs
 from .guarded_step import clip_and_step, finite_on_all_ranks
@@ -798,15 +798,7 @@ class PPOTrainer(LoopCounters):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         cfg = GenerationConfig(max_prompt_tokens=self.config.max_prompt_tokens, system_prompt=self.config.system_prompt)
         p_ids, p_mask, _ = tokenize_prompts(self.tokenizer, list(prompts), cfg, self.device)
-        eos = self.tokenizer.eos_token_id
-        answers = [self.tokenizer(r, add_special_tokens=False)["input_ids"] + [eos] for r in responses]
-        width = max(len(a) for a in answers)
-        r_ids = torch.full((len(answers), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        r_mask = torch.zeros((len(answers), width), dtype=torch.long)
-        for i, a in enumerate(answers):
-            r_ids[i, :len(a)] = torch.tensor(a)
-            r_mask[i, :len(a)] = 1
-        r_ids, r_mask = r_ids.to(self.device), r_mask.to(self.device)
+        r_ids, r_mask = encode_answers(self.tokenizer, responses, device=self.device)
         return (torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1), p_ids.shape[1], r_mask.float(),
                 list(responses))
 
