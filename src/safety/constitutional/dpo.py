@@ -32,8 +32,8 @@ from .guarded_step import clip_and_step, finite_on_all_ranks
 from .hh_rlhf import PreferencePair
 from .logprobs import sequence_logprobs
 from .optim import LR_SCHEDULES, adamw, lr_scheduler
-from .ppo_trainer import disable_dropout
 from .rl_primitives import DPO_LOSS_TYPES, dpo_loss
+from .rl_rollout import disable_dropout
 from .training_loop import LoopCounters, TrainingError, TrainingLoop, load_models, recent_means
 
 log = logging.getLogger(__name__)
