@@ -5,7 +5,8 @@
     trainer.train(prompts, num_steps=..., batch_size=..., num_epochs_per_batch=..., max_length=...,
                   temperature=..., checkpoint_dir=..., checkpoint_freq=..., resume_from=...)
 
-Every trainer it returns has PPOTrainer's `train(...)` signature and checkpoint format. DPO is
+Every trainer it returns is an `rl_trainer.OnlineRLTrainer` (PPO with a critic, the others
+without): one `train(...)` signature and checkpoint format. DPO is
 offline (preference pairs, no rollouts) and lives in `dpo.py`.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 
 from .policy_gradient import CONFIG_CLASSES, PolicyGradientTrainer
 from .ppo_trainer import PPOConfig, PPOTrainer
+from .rl_trainer import OnlineRLTrainer
 
 RL_ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce")
 CONFIG_FOR = {"ppo": PPOConfig, **CONFIG_CLASSES}
@@ -50,7 +52,7 @@ def make_config(algorithm: str, config: Union[None, Mapping, PPOConfig] = None):
 
 def make_rl_trainer(algorithm: str, policy: nn.Module, tokenizer, reward_model: nn.Module, device=None,
                     config: Union[None, Mapping, PPOConfig] = None, value_model: Optional[nn.Module] = None,
-                    ref_model: Optional[nn.Module] = None, reward_tokenizer=None, judge_reward=None) -> PPOTrainer:
+                    ref_model: Optional[nn.Module] = None, reward_tokenizer=None, judge_reward=None) -> OnlineRLTrainer:
     """A trainer for "ppo" | "grpo" | "rloo" | "reinforce" with a shared `train(...)` signature.
 
     `value_model` is used by PPO only (None: PPO builds one on a copy of the policy's backbone);

@@ -27,13 +27,13 @@ import torch
 from torch import nn
 
 from . import distributed as ddp
-from .generation import GenerationConfig, encode_prompts, left_pad
+from .generation import GenerationConfig, encode_answers, encode_prompts, left_pad
 from .guarded_step import clip_and_step, finite_on_all_ranks
 from .hh_rlhf import PreferencePair
 from .logprobs import sequence_logprobs
 from .optim import LR_SCHEDULES, adamw, lr_scheduler
-from .ppo_trainer import disable_dropout
 from .rl_primitives import DPO_LOSS_TYPES, dpo_loss
+from .rl_rollout import disable_dropout
 from .training_loop import LoopCounters, TrainingError, TrainingLoop, load_models, recent_means
 
 log = logging.getLogger(__name__)
@@ -122,16 +122,9 @@ class DPOTrainer(LoopCounters):
         cfg = self.config
         gen_cfg = GenerationConfig(max_prompt_tokens=cfg.max_prompt_tokens, system_prompt=cfg.system_prompt)
         prompts, _ = encode_prompts(self.tokenizer, [p.prompt for p in pairs], gen_cfg)
-        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
-        answers = [self.tokenizer(text, add_special_tokens=False)["input_ids"][:cfg.max_answer_tokens - len(eos)] + eos
-                   for text in [p.chosen for p in pairs] + [p.rejected for p in pairs]]
         p_ids, p_mask = left_pad(prompts + prompts, self.tokenizer.pad_token_id)
-        width = max(len(a) for a in answers)
-        a_ids = torch.full((len(answers), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        a_mask = torch.zeros((len(answers), width), dtype=torch.long)
-        for i, a in enumerate(answers):
-            a_ids[i, :len(a)] = torch.tensor(a)
-            a_mask[i, :len(a)] = 1
+        a_ids, a_mask = encode_answers(self.tokenizer, [p.chosen for p in pairs] + [p.rejected for p in pairs],
+                                       max_tokens=cfg.max_answer_tokens)
         ids = torch.cat([p_ids, a_ids], 1).to(self.device)
         attn = torch.cat([p_mask, a_mask], 1).to(self.device)
         return ids, attn, a_mask.float().to(self.device)

@@ -140,6 +140,28 @@ def left_pad(encoded: Sequence[List[int]], pad_token_id: int, device=None):
     return input_ids.to(device), mask.to(device)
 
 
+def right_pad(encoded: Sequence[List[int]], pad_token_id: int, device=None):
+    """(ids, mask), each (batch, longest), padded on the right so every row starts at column 0."""
+    width = max(len(ids) for ids in encoded)
+    input_ids = torch.full((len(encoded), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, ids in enumerate(encoded):
+        if ids:
+            input_ids[i, :len(ids)] = torch.tensor(ids)
+            mask[i, :len(ids)] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+def encode_answers(tokenizer, answers: Sequence[str], max_tokens: Optional[int] = None, device=None):
+    """Right-padded answer batch (ids, mask), each (batch, longest): each answer's tokens (no special
+    tokens) then end-of-turn, as a finished sampled answer ends; `max_tokens` cuts the end (end-of-turn
+    kept). The layout DPO trains on and PPO's guide API scores."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    limit = None if max_tokens is None else max_tokens - len(eos)
+    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"][:limit] + eos for text in answers]
+    return right_pad(encoded, tokenizer.pad_token_id, device)
+
+
 def tokenize_prompts(tokenizer, prompts: Sequence[Prompt], config: GenerationConfig, device=None):
     """Left-padded prompt batch; over-long prompts lose their start (with a warning) or raise."""
     encoded, texts = encode_prompts(tokenizer, prompts, config)

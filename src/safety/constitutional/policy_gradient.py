@@ -1,9 +1,10 @@
-"""Critic-free policy-gradient trainers: GRPO, RLOO and REINFORCE, on PPOTrainer's machinery.
+"""Critic-free policy-gradient trainers: GRPO, RLOO and REINFORCE.
 
-They subclass `PPOTrainer` and keep its rollout (the shared `generate` + one batched forward per
-frozen model), reward scoring and normalisation, frozen/moving reference, prompt sampler, LR
-schedules, checkpoints (same format, exact resume), history and non-finite-step handling. What
-changes is one step (`train_step`):
+`PolicyGradientTrainer` is an `rl_trainer.OnlineRLTrainer` without a critic, as `PPOTrainer` is one
+with a critic: both take the rollout, the frozen/moving reference and reward scoring from the
+`rl_rollout` components, and the prompt sampler, LR schedule, update epochs, checkpoints (exact
+resume), history and non-finite-step handling from `OnlineRLTrainer`. What is their own is one step
+(`train_step`):
 
   1. rollout    every prompt of the batch is asked `group_size` (k) times: N prompts -> N*k answers,
                 prompt-major (answers 0..k-1 belong to prompt 0);
@@ -21,13 +22,13 @@ changes is one step (`train_step`):
                 "importance_sampling" (truncated IS weights), plus `kl_loss_coef` * per-token k3
                 KL(pi || ref) in the loss (GRPO's regulariser) and the entropy bonus.
 
-There is no value model: `value_model` must be None, and none is built.
+There is no value model: `value_model` must be None, none is built, and `trainer.value_model` is None.
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -36,10 +37,12 @@ from torch import nn
 from . import distributed as ddp
 from .guarded_step import clip_and_step, finite_on_all_ranks
 from .logprobs import sequence_logprobs
-from .ppo_trainer import PPOConfig, PPOTrainer, Rollout
+from .ppo_trainer import PPOConfig
 from .rl_primitives import (conservative_kl_penalty, discounted_returns, group_advantages,
                             importance_sampling_loss, kl_penalty, masked_mean, masked_whiten,
                             policy_gradient_loss, ppo_policy_loss, rloo_baseline)
+from .rl_rollout import Rollout
+from .rl_trainer import OnlineRLTrainer
 
 log = logging.getLogger(__name__)
 
@@ -120,19 +123,7 @@ class REINFORCEConfig(PolicyGradientConfig):
 CONFIG_CLASSES = {"grpo": GRPOConfig, "rloo": RLOOConfig, "reinforce": REINFORCEConfig}
 
 
-class _NoValueModel(nn.Module):
-    """Stands where PPOTrainer keeps its value model, so the inherited optimiser and checkpoint code
-    run unchanged; it is never called (`_token_values` is overridden) and holds an empty tensor."""
-
-    def __init__(self):
-        super().__init__()
-        self.unused = nn.Parameter(torch.zeros(0))
-
-    def gradient_checkpointing_enable(self, **kwargs) -> None:
-        return None
-
-
-class PolicyGradientTrainer(PPOTrainer):
+class PolicyGradientTrainer(OnlineRLTrainer):
     """GRPO / RLOO / REINFORCE (chosen by `config.algorithm`), with PPOTrainer's `train(...)` signature.
 
     `train(prompts, num_steps, batch_size, ...)`: `batch_size` prompts per step, `group_size` answers each.
@@ -147,17 +138,9 @@ class PolicyGradientTrainer(PPOTrainer):
         if not isinstance(config, PolicyGradientConfig):
             raise TypeError(f"config must be a PolicyGradientConfig (GRPOConfig, RLOOConfig, REINFORCEConfig), "
                             f"got {type(config).__name__}")
-        # PPOTrainer rebuilds a plain PPOConfig from the fields it knows; ours is restored right after.
-        ppo_fields = {f.name for f in fields(PPOConfig)}
-        base = PPOConfig(**{k: v for k, v in asdict(config).items() if k in ppo_fields})
-        super().__init__(policy_model, _NoValueModel(), reward_model, tokenizer, device, config=base,
-                         ref_model=ref_model, reward_tokenizer=reward_tokenizer, judge_reward=judge_reward)
-        self.config = config
-        self.loop.stage = self.algorithm  # grpo | rloo | reinforce in logs and messages
+        super().__init__(policy_model, None, reward_model, tokenizer, device, config, ref_model=ref_model,
+                         reward_tokenizer=reward_tokenizer, judge_reward=judge_reward)
         self._warned_vanilla_epochs = False
-
-    def _token_values(self, input_ids, attention_mask, prompt_width, response_len) -> torch.Tensor:
-        return torch.zeros(input_ids.shape[0], response_len, device=input_ids.device)  # no critic
 
     # -- advantages ---------------------------------------------------------------------------
     def compute_advantages(self, rollout: Rollout, scores: torch.Tensor):
