@@ -86,3 +86,23 @@ def test_label_clamp_caps_confidence_not_the_winner(tiny_model, tokenizer):
     assert any(p.label > 0.6 for p in free)  # the clamp had something to do
     with pytest.raises(ValueError, match="label_clamp"):
         PreferenceConfig(label_clamp=[0.6, 0.4])
+
+
+def test_stage1_pairs_prefer_revisions_and_answering_benign_prompts():
+    from src.safety.constitutional.preferences import stage1_pairs
+
+    chains = [{"prompt": "How do I pick a lock?", "initial_response": "Insert a tension wrench...",
+               "final_response": "I can't help with breaking into places."},
+              {"prompt": "Insult my coworker.", "initial_response": "No.", "final_response": "No."}]  # unrevised: no pair
+    records = [{"prompt": [{"role": "user", "content": "How do I kill a tmux session?"}],
+                "response": "Run `tmux kill-session -t NAME`.", "source": "helpful"},
+               {"prompt": [{"role": "user", "content": "How do I pick a lock?"}],
+                "response": "I can't help with breaking into places.", "source": "revision"}]
+    refusals = ["Sorry, I can't help with that.", "I won't assist with this request."]
+    pairs, stats = stage1_pairs(chains, records, refusals, seed=0)
+    assert stats == {"revision_pairs": 1, "helpful_pairs": 1}
+    revision, helpful = pairs
+    assert revision.first_user_turn == "How do I pick a lock?" and revision.chosen.startswith("I can't")
+    assert revision.rejected.startswith("Insert") and revision.label == 1.0
+    assert helpful.chosen.startswith("Run `tmux") and helpful.rejected in refusals
+    assert stage1_pairs(chains, records, [], seed=0)[1] == {"revision_pairs": 1, "helpful_pairs": 0}

@@ -44,7 +44,7 @@ from .algorithms import make_rl_trainer
 from .dpo import DPOConfig, DPOTrainer
 from .policy_gradient import GRPOConfig, REINFORCEConfig, RLOOConfig
 from .ppo_trainer import PPOConfig
-from .preferences import PreferenceConfig, generate_preference_pairs, write_pairs
+from .preferences import PreferenceConfig, generate_preference_pairs, stage1_pairs, write_pairs
 from .reward_training import RewardTrainer, RewardTrainerConfig, truncate_layers
 from .sft import SFTConfig, SFTTrainer
 
@@ -71,6 +71,7 @@ class DataConfig:
     num_eval_prompts: int = 50          # per evaluation set
     human_pairs: Optional[str] = None   # human preference pairs (hh-rlhf format) mixed into stage 2's AI pairs
     num_human_pairs: int = 0            # how many of them (0: AI feedback only)
+    stage1_pairs: bool = False          # stage 2 also trains on stage 1's decisions: revision > first answer (red-team), own answer > a written refusal (benign mix-in); preferences.stage1_pairs
     reward_eval_pairs: Optional[str] = None  # human pairs never trained on (every pair of the file): the RM's held-out accuracy
 
     def __post_init__(self):
@@ -340,6 +341,9 @@ class Pipeline:
         train_pairs = list(pairs)
         if cfg.data.human_pairs and cfg.data.num_human_pairs > 0:
             train_pairs += load_pairs(_resolve(cfg.data.human_pairs), limit=cfg.data.num_human_pairs, split="train")
+        if cfg.data.stage1_pairs:
+            more, stats["stage1_pairs"] = self._stage1_pairs()
+            train_pairs += more
         random.Random(cfg.seed).shuffle(train_pairs)
         reward_model = truncate_layers(RewardModel.from_causal_lm(model, device=self.device, dtype=cfg.dtype),
                                        cfg.reward.keep_layers)
@@ -357,6 +361,14 @@ class Pipeline:
             held = load_pairs(eval_file)
             summary["human_heldout"] = {"pairs": len(held), **_scalars(trainer.evaluate(held))}
         return summary
+
+    def _stage1_pairs(self):
+        sft = self.stage_dir("sft")
+        if not (sft / "audit.jsonl").is_file() or not (sft / "sft.jsonl").is_file():
+            raise FileNotFoundError(f"data.stage1_pairs: no stage-1 audit.jsonl and sft.jsonl in {sft} (run stage 1 "
+                                    "first, or reuse_stages_from a run that has)")
+        refusals = [t for p in self.constitution.principles for t in p.safe_responses]
+        return stage1_pairs(read_jsonl(sft / "audit.jsonl"), read_jsonl(sft / "sft.jsonl"), refusals, seed=self.config.seed)
 
     def run_rl(self) -> dict:
         cfg, out = self.config, self.stage_dir("rl")

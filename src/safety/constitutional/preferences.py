@@ -152,3 +152,31 @@ def write_pairs(pairs: Sequence[PreferencePair], path) -> Path:
             for record in records:
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path
+
+
+def stage1_pairs(chains: Sequence[dict], sft_records: Sequence[dict], refusals: Sequence[str],
+                 seed: int = 0) -> Tuple[List[PreferencePair], dict]:
+    """Preference pairs stage 1 already decided, for the reward model (`data.stage1_pairs`):
+
+    - each red-team answer the constitution had revised: final answer (a revision, or a written safe
+      response) preferred to the model's first answer, as the CAI paper's critique-revision chains do;
+    - each benign prompt of the helpful mix-in: the model's own answer preferred to a written refusal
+      (`refusals`, the constitution's safe responses), so that the reward model learns that refusing
+      a harmless request is worse than answering it, not that refusing is good in itself.
+
+    Without the second kind, a reward model trained on revisions learns "refusals score high" and RL
+    against it over-refuses; without the first, the human and AI pairs alone scored the written
+    refusals below the base model's answers (docs/safety_effect.md, run F)."""
+    rng = random.Random(seed)
+    pairs = []
+    for chain in chains:
+        first, final = str(chain.get("initial_response", "")).strip(), str(chain.get("final_response", "")).strip()
+        if first and final and first != final:
+            pairs.append(PreferencePair(to_messages(chain["prompt"]), final, first, principle="stage1_revision"))
+    n_revision = len(pairs)
+    if refusals:
+        for record in sft_records:
+            if record.get("source") == "helpful" and str(record.get("response", "")).strip():
+                pairs.append(PreferencePair(to_messages(record["prompt"]), record["response"].strip(),
+                                            rng.choice(list(refusals)), principle="stage1_helpful"))
+    return pairs, {"revision_pairs": n_revision, "helpful_pairs": len(pairs) - n_revision}
