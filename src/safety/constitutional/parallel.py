@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -64,7 +65,9 @@ class Forward(nn.Module):
         self.model = model
 
     def forward(self, fn: Callable, *args, **kwargs):
-        return fn(self.model, *args, **kwargs)
+        out = fn(self.model, *args, **kwargs)
+        # FSDP hooks the output for its backward; an in-place op on a view would drop that hook
+        return out.clone() if isinstance(out, torch.Tensor) and out._is_view() else out
 
 
 def check_mode(mode: str, where: str = "distributed") -> str:
@@ -230,7 +233,9 @@ def save_sharded(folder, model: nn.Module, optimizer: Optional[torch.optim.Optim
         state = {"model": model_state, "optimizer": optim_state}
     else:
         state = {"model": get_model_state_dict(model)}
-    dcp.save(state, checkpoint_id=str(folder))
+    with warnings.catch_warnings():  # one process: DCP warns that it assumes one process, which is meant
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=str(folder), no_dist=not ddp.is_initialized())
     return Path(folder)
 
 
@@ -246,7 +251,9 @@ def load_sharded(folder, model: nn.Module, optimizer: Optional[torch.optim.Optim
         state = {"model": model_state, "optimizer": optim_state}
     else:
         state = {"model": get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=str(folder), no_dist=not ddp.is_initialized())
+    with warnings.catch_warnings():  # one process: DCP warns that it assumes one process, which is meant
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(folder), no_dist=not ddp.is_initialized())
     if optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     else:
