@@ -1,12 +1,13 @@
 """One rank of the FSDP2 test in tests/test_distributed.py (run under torch.distributed.run, gloo on CPU).
 
-    fsdp_worker.py OUT fsdp        SFT (4 steps, a sharded checkpoint after each) and a reward model
-                                   (2 steps), both on FSDP2; writes OUT/fsdp_rank<r>.pt
+    fsdp_worker.py OUT fsdp        SFT (4 steps, a sharded checkpoint after each), a reward model
+                                   (2 steps) and DPO (2 steps), all on FSDP2; writes OUT/fsdp_rank<r>.pt
     fsdp_worker.py OUT fsdp_kill   the same SFT run, killed (SIGKILL, every rank) right after the
                                    checkpoint of step 2: the test resumes it on one process
 
 Rank r builds its models with seed r, so the ranks only agree if the trainers broadcast rank 0's weights.
 """
+import dataclasses
 import os
 import signal
 import sys
@@ -16,6 +17,7 @@ import torch
 
 from src.models import RewardModel, build_tiny_llama, load_tokenizer  # noqa: E402
 from src.safety.constitutional import distributed as ddp  # noqa: E402
+from src.safety.constitutional.dpo import DPOTrainer  # noqa: E402
 from src.safety.constitutional.reward_training import RewardTrainer, RewardTrainerConfig  # noqa: E402
 from src.safety.constitutional.sft import SFTConfig, SFTTrainer  # noqa: E402
 from src.safety.constitutional.training_loop import TrainingLoop  # noqa: E402
@@ -66,6 +68,12 @@ def main(out: Path, mode: str) -> None:
     rm_trainer.train(toy_pairs(8))
     result["rm"] = flat(rm_trainer.model)
     result["rm_stats"] = list(rm_trainer.model.reward_stats or ())
+
+    from distributed_worker import dpo_config
+    policy, _ = build_tiny_llama(tok, seed=30 + r)
+    dpo = DPOTrainer(policy, tok, dataclasses.replace(dpo_config(out), distributed="fsdp"))
+    result["dpo_loss"] = [h["loss"] for h in dpo.train(toy_pairs(8), show_progress=False)["history"]]
+    result["dpo"] = flat(dpo.policy)
     torch.save(result, out / f"fsdp_rank{r}.pt")
     ddp.destroy_distributed()
 

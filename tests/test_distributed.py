@@ -22,7 +22,7 @@ import fsdp_worker  # noqa: E402
 # Two ranks each averaging half-batch gradients vs one process on the whole batch: the summation order
 # differs, so a parameter whose gradient is near Adam's eps can move by a visibly different fraction of
 # lr (1e-3). Measured here (CPU, gloo, torch 2.13; `pytest -s` prints them): DDP reward model 1.5e-5 max,
-# SFT 1.4e-6, DPO 1.3e-6; FSDP2 SFT 1.2e-7 (also resumed on 1 process), reward model 1.5e-5; no entry
+# SFT 1.4e-6, DPO 1.3e-6; FSDP2 SFT 1.2e-7 (also resumed on 1 process), reward model 1.5e-5, DPO 1.3e-6; no entry
 # over 2e-5. Allowed: 2e-4 max, at most 10 entries over 2e-5.
 def assert_close_to_one_process(single: torch.Tensor, two: torch.Tensor, what: str) -> None:
     diff = (single - two).abs()
@@ -150,7 +150,7 @@ def test_pipeline_under_torchrun_finishes_and_its_greedy_evaluation_equals_one_p
 
 @pytest.mark.slow
 def test_fsdp2_on_two_processes_checkpoints_sharded_and_resumes_on_one(tokenizer, tmp_path):
-    """FSDP2 (fully_shard per decoder layer) on 2 gloo processes: SFT and a reward model train, equal on
+    """FSDP2 (fully_shard per decoder layer) on 2 gloo processes: SFT, a reward model and DPO train, equal on
     both ranks and close to one process; each checkpoint is a DCP folder written by both ranks plus a
     plain HF export; a run killed after step 2 resumes on ONE process from the sharded checkpoint and
     ends where the uninterrupted 2-process run ended."""
@@ -162,7 +162,7 @@ def test_fsdp2_on_two_processes_checkpoints_sharded_and_resumes_on_one(tokenizer
     proc = subprocess.run(cmd + ["fsdp"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"fsdp_rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert torch.equal(r0["sft"], r1["sft"]) and torch.equal(r0["rm"], r1["rm"])
+    assert torch.equal(r0["sft"], r1["sft"]) and torch.equal(r0["rm"], r1["rm"]) and torch.equal(r0["dpo"], r1["dpo"])
     assert r0["sft_plain"]  # after training the trainer holds a plain (unsharded) model again
 
     # sharded checkpoints: every rank wrote its shard; the HF export loads as a plain model
@@ -181,6 +181,12 @@ def test_fsdp2_on_two_processes_checkpoints_sharded_and_resumes_on_one(tokenizer
     rm = RewardModel.from_causal_lm(lm, device="cpu", head_init_std=0.02)
     RewardTrainer(rm, tokenizer, fsdp_worker.rm_config(tmp_path / "rm_single", "none")).train(worker.toy_pairs(8))
     assert_close_to_one_process(worker.flat(rm), r0["rm"], "FSDP2 reward model")
+    policy, _ = build_tiny_llama(tokenizer, seed=30)
+    dpo = DPOTrainer(policy, tokenizer, worker.dpo_config(tmp_path / "dpo_single"))
+    history = dpo.train(worker.toy_pairs(8), show_progress=False)["history"]
+    assert [h["loss"] for h in history] == pytest.approx(r0["dpo_loss"], abs=1e-5)
+    assert_close_to_one_process(worker.flat(dpo.policy), r0["dpo"], "FSDP2 DPO")
+    assert (tmp_path / "dpo" / "checkpoint-000002" / "policy.dcp").is_dir()
 
     # killed (SIGKILL on every rank) right after the checkpoint of step 2 ...
     proc = subprocess.run(cmd + ["fsdp_kill"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

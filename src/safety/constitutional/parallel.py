@@ -174,7 +174,9 @@ def wrap(model: nn.Module, mode: str = "auto", device=None) -> Parallel:
 
         # broadcast_buffers=False: buffers (rotary tables) are computed identically on every rank, and
         # evaluation forwards (not the same count on every rank) must not issue collectives.
-        engine = DDP(forward, device_ids=[device.index] if device.type == "cuda" else None,
+        cuda_index = (device.index if device.index is not None else torch.cuda.current_device()) \
+            if device.type == "cuda" else None
+        engine = DDP(forward, device_ids=[cuda_index] if cuda_index is not None else None,
                      broadcast_buffers=False)
     else:
         engine = _fully_shard(forward, model, device)
