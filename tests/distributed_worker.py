@@ -1,10 +1,13 @@
 """One rank of the 2-process test in tests/test_distributed.py (run under torch.distributed.run).
 
 Rank r builds its models with seed r, so the ranks only agree if the trainers broadcast rank 0's
-weights at the start; it then trains a reward model (2 steps), PPO (2 steps) and DPO (2 steps) and writes its
-flattened weights to <out>/rank<r>.pt for the test to compare.
+weights at the start; it then trains a reward model (2 steps, DDP), SFT (2 steps, DDP, gradient
+accumulation), a reward model with a NaN loss on rank 1 only (DDP), PPO (2 steps, the hand-written
+gradient averaging) and DPO (2 steps, DDP) and writes its flattened weights to <out>/rank<r>.pt for
+the test to compare.
 """
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -17,7 +20,9 @@ from src.safety.constitutional.dpo import DPOConfig, DPOTrainer  # noqa: E402
 from src.safety.constitutional.generation import GenerationConfig, generate, sharded_across_ranks  # noqa: E402
 from src.safety.constitutional.hh_rlhf import PreferencePair  # noqa: E402
 from src.safety.constitutional.ppo_trainer import PPOConfig, PPOTrainer  # noqa: E402
+from src.safety.constitutional import reward_training  # noqa: E402
 from src.safety.constitutional.reward_training import RewardTrainer, RewardTrainerConfig  # noqa: E402
+from src.safety.constitutional.sft import SFTConfig, SFTTrainer  # noqa: E402
 
 PROMPTS = ["Say hi", "Name a colour.", "What is two plus two?", "Tell me a short joke about cats."]
 
@@ -34,6 +39,17 @@ def rm_config(out: Path) -> RewardTrainerConfig:
     return RewardTrainerConfig(output_dir=str(out / "rm"), batch_size=4, num_epochs=1, max_length=32,
                                learning_rate=1e-3, eval_fraction=0.0, show_progress=False, log_every=1,
                                warmup_ratio=0.0)
+
+
+def sft_records(n):
+    return [{"prompt": f"Question {i}?", "response": f"Answer number {i} is yes, {i} times."} for i in range(n)]
+
+
+def sft_config(out: Path) -> SFTConfig:
+    # 9 records in batches of 4, 2 micro-batches per step: step 1 accumulates (no_sync on the first
+    # backward), step 2 has one record, so rank 1 runs a zero-weighted forward and backward
+    return SFTConfig(output_dir=str(out / "sft"), num_epochs=1, batch_size=4, grad_accum_steps=2, learning_rate=1e-3,
+                     eval_fraction=0.0, warmup_ratio=0.0, max_seq_len=64, show_progress=False)
 
 
 def dpo_config(out: Path) -> DPOConfig:
@@ -53,6 +69,29 @@ def main(out: Path) -> None:
     rm_start = flat(rm)
     trainer.train(toy_pairs(8))  # 2 steps of 4 pairs, 2 per rank
     rm_after = flat(rm)
+    rm_mode = trainer.parallel.mode
+
+    # -- SFT on DDP
+    sft_model, _ = build_tiny_llama(tok, seed=50 + r)
+    sft = SFTTrainer(sft_model, tok, sft_config(out))
+    sft_start = flat(sft_model)
+    sft_loss = sft.train(sft_records(9))["train_loss"]
+    sft_mode = sft.parallel.mode
+
+    # -- a NaN loss on rank 1 only, at the first step: both ranks skip it (no rank waits in a collective)
+    lm, _ = build_tiny_llama(tok, seed=60 + r)
+    bad_rm = RewardModel.from_causal_lm(lm, device="cpu", head_init_std=0.02)
+    real_loss, calls = reward_training.bradley_terry_loss, []
+
+    def nan_once_on_rank1(*args, **kwargs):
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if r == 1 and len(calls) == 1 else loss
+    reward_training.bradley_terry_loss = nan_once_on_rank1
+    bad = RewardTrainer(bad_rm, tok, dataclasses.replace(rm_config(out / "bad"), max_bad_steps=1))
+    bad_start = flat(bad_rm)
+    bad.train(toy_pairs(8))
+    reward_training.bradley_terry_loss = real_loss
 
     # -- PPO: 2 steps, 2 prompts per step (1 per rank)
     policy, _ = build_tiny_llama(tok, seed=20 + r)
@@ -79,6 +118,9 @@ def main(out: Path) -> None:
     generation._answer_batch = answer_batch
     rng_after = torch.rand(3)
     torch.save({"rank": r, "world_size": ddp.world_size(), "rm_start": rm_start, "rm_after": rm_after,
+                "modes": [rm_mode, sft_mode, dpo.parallel.mode],
+                "sft_start": sft_start, "sft_after": flat(sft.model), "sft_loss": sft_loss,
+                "bad_start": bad_start, "bad_after": flat(bad_rm), "bad_skipped": bad.bad_steps,
                 "sampled": sampled, "rng_after": rng_after, "batches": len(batches),
                 "dpo_start": dpo_start, "dpo_after": flat(dpo.policy),
                 "dpo_loss": [h["loss"] for h in dpo_result["history"]],

@@ -2,6 +2,8 @@
 
     <root>/checkpoint-000120/
         policy/ value/ ...      models, each a plain Hugging Face directory (safetensors)
+        policy.dcp/             an FSDP-sharded model with its optimiser state (torch.distributed.checkpoint,
+                                one file per rank that wrote it; loads into any world size: parallel.load_sharded)
         trainer_state.pt        optimisers, schedulers, counters: tensors and plain types only,
                                 so it loads with torch.load(weights_only=True) (no arbitrary pickle)
         rng_state.pt            Python/NumPy/torch RNG states, for bit-exact resume on CPU
@@ -21,12 +23,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
 from src.models.device import get_rng_state, set_rng_state
 
+from . import distributed as ddp
 from .io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -53,12 +56,33 @@ def checkpoint_path(root, step: int) -> Path:
 
 def save_checkpoint(root, step: int, models: Dict[str, object], tokenizer=None,
                     trainer_state: Optional[dict] = None, metadata: Optional[dict] = None,
-                    keep_last: Optional[int] = 3) -> Path:
-    """Write models + state atomically as `<root>/checkpoint-<step>`; returns its path."""
+                    keep_last: Optional[int] = 3, sharded: Optional[Dict[str, Callable[[Path], None]]] = None) -> Path:
+    """Write models + state atomically as `<root>/checkpoint-<step>`; returns its path.
+
+    Without `sharded` rank 0 alone calls this. With `sharded` ({name: write(checkpoint_folder)}, the
+    FSDP models' DCP writers, `parallel.save_sharded`) EVERY rank calls it: all ranks write their
+    shards into one temporary folder, then rank 0 adds the rest and renames it into place."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     target = checkpoint_path(root, step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=root))
+    if sharded:
+        tmp = root / f".tmp-{target.name}-sharded"   # one name every rank computes
+        if ddp.is_main_process():
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)   # a crashed earlier attempt
+            tmp.mkdir()
+        ddp.barrier()
+        try:
+            for write in sharded.values():
+                write(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        ddp.barrier()
+        if not ddp.is_main_process():
+            return target
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=root))
     try:
         for name, model in models.items():
             model.save_pretrained(tmp / name)
@@ -66,7 +90,9 @@ def save_checkpoint(root, step: int, models: Dict[str, object], tokenizer=None,
                 tokenizer.save_pretrained(tmp / name)
         torch.save(trainer_state or {}, tmp / "trainer_state.pt")
         torch.save(get_rng_state(), tmp / "rng_state.pt")
-        atomic_write_json(tmp / META_FILE, {"step": step, "complete": True, "models": sorted(models),
+        atomic_write_json(tmp / META_FILE, {"step": step, "complete": True,
+                                            "models": sorted(set(models) | set(sharded or {})),
+                                            "sharded": sorted(sharded or {}),
                                             "metadata": metadata or {}})
         _fsync_tree(tmp)
         if target.exists():  # re-saving the same step: move the old one aside first

@@ -1,25 +1,22 @@
-"""Data parallelism for the hand-written training loops (SFT, reward model, PPO) under `torchrun`.
+"""Process-group helpers for the trainers under `torchrun` (the engines themselves are in parallel.py).
 
     torchrun --nproc_per_node 2 scripts/train_constitutional.py ...     # gloo on CPU, NCCL on GPU
     python scripts/train_constitutional.py ...                          # one process: everything here is a no-op
 
-Every rank holds a full copy of each model. Each rank works on its share of the data (`shard`), and
-right after `backward()` the trainers call `sync_gradients(model)`, which replaces every `.grad` by
-its mean over ranks. All ranks then clip, step and schedule identically, so their weights stay equal
-without ever being sent again after the start (`broadcast_model`).
-
-Why not `DistributedDataParallel`: DDP wraps the module, so `.generate`, `.save_pretrained` and the
-scalar heads' attributes move behind `.module`, and its bucketed all-reduce fires inside `backward`,
-which does not fit loops that skip a non-finite step *after* the backward (all ranks must agree to
-skip before any collective). One explicit all-reduce per parameter tensor after backward costs the
-same bytes as DDP without overlap; at the model sizes this toolkit trains that is a few percent.
+SFT, the reward model and DPO train on PyTorch's engines (`parallel.wrap`: DDP by default under
+torchrun, FSDP2 with `distributed: fsdp`). PPO and GRPO/RLOO/REINFORCE still use the hand-written
+averaging here: every rank holds a full copy of each model, works on its share of the data
+(`shard`), and right after `backward()` `guarded_step` calls `sync_gradients(model)`, which replaces
+every `.grad` by its mean over ranks. All ranks then clip, step and schedule identically, so their
+weights stay equal without ever being sent again after the start (`broadcast_model`).
+`sync_gradients` goes once PPO is on `parallel.wrap` too.
 
 Seeding rule: model initialisation uses the same seed on every rank (and is broadcast from rank 0
 anyway); sampling (PPO rollouts) uses `seed + SAMPLING_SEED_STRIDE * rank`, so ranks draw different
 answers. Data order (shuffles) is seeded identically on every rank, then `shard` cuts it.
 
 Only rank 0 writes checkpoints, logs and reports (`is_main_process()`), followed by `barrier()` so
-no rank reads a checkpoint before it exists.
+no rank reads a checkpoint before it exists (FSDP's sharded checkpoints: every rank writes its shard).
 """
 from __future__ import annotations
 
@@ -118,6 +115,9 @@ def _device_for_collectives(tensor: torch.Tensor) -> torch.device:
 
 def sync_gradients(*models: torch.nn.Module) -> None:
     """Replace each trainable parameter's `.grad` by its mean over ranks (call right after backward).
+
+    The hand-written data parallelism PPO and GRPO/RLOO/REINFORCE still use; models wrapped by
+    `parallel.wrap` (DDP, FSDP) must not come here (`guarded_step` leaves them out).
 
     A parameter without a gradient on this rank (e.g. it had no data) contributes zeros, so every
     rank issues the same collectives in the same order. Parameters are flattened into one buffer per

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import distributed as ddp
+from . import parallel
 from .generation import GenerationConfig, encode_answers, encode_prompts, left_pad
 from .guarded_step import clip_and_step, finite_on_all_ranks
 from .hh_rlhf import PreferencePair
@@ -69,6 +70,7 @@ class DPOConfig:
     disable_dropout: bool = True
     seed: int = 0
     log_file: Optional[str] = None
+    distributed: str = "auto"              # auto | ddp | fsdp | none: the data-parallel engine under torchrun (parallel.py)
 
     def __post_init__(self):
         def need(ok, name, what):
@@ -86,6 +88,7 @@ class DPOConfig:
         need(self.max_answer_tokens >= 1, "max_answer_tokens", "must be >= 1")
         need(self.ref_batch_size >= 1, "ref_batch_size", "must be >= 1")
         need(self.max_bad_steps >= 0, "max_bad_steps", "must be >= 0")
+        parallel.check_mode(self.distributed, "DPOConfig.distributed")
 
 
 class DPOTrainer(LoopCounters):
@@ -105,6 +108,8 @@ class DPOTrainer(LoopCounters):
         self.ref_model.requires_grad_(False).eval()
         if self.config.disable_dropout:
             disable_dropout(self.policy)
+        # DDP / FSDP2 / as is (after the reference copy; before the optimiser: FSDP shards the parameters)
+        self.parallel = parallel.wrap(self.policy, self.config.distributed, self.device)
         self.optimizer = adamw([p for p in self.policy.parameters() if p.requires_grad],
                                            lr=self.config.learning_rate, weight_decay=self.config.weight_decay)
         self.scheduler = None
@@ -132,7 +137,10 @@ class DPOTrainer(LoopCounters):
     def answer_logps(self, model: nn.Module, pairs: Sequence[PreferencePair]) -> torch.Tensor:
         """Summed answer log-probs under `model`. (B, 2): column 0 chosen, column 1 rejected."""
         ids, attn, mask = self.encode(pairs)
-        logps = sequence_logprobs(model, ids, attn, mask.shape[1])      # (2B, R)
+        if model is self.policy:  # inside the DDP/FSDP engine (every policy forward must be, under FSDP)
+            logps = self.parallel(lambda m: sequence_logprobs(m, ids, attn, mask.shape[1]))
+        else:
+            logps = sequence_logprobs(model, ids, attn, mask.shape[1])  # (2B, R)
         summed = (logps * mask).sum(1)                                   # (2B,)
         return summed.view(2, len(pairs)).T
 
@@ -164,6 +172,8 @@ class DPOTrainer(LoopCounters):
               resume_from=None, show_progress: bool = True) -> Dict[str, Any]:
         """Train; returns {"final_stats", "history", "eval"} (eval: metrics on eval_pairs at the end)."""
         cfg = self.config
+        if getattr(self, "_unwrapped", False):
+            raise RuntimeError("this DPOTrainer trained under FSDP and unwrapped its policy: build a new one")
         pairs = list(pairs)
         if not pairs:
             raise ValueError("the preference pair list is empty: give at least one pair")
@@ -196,6 +206,9 @@ class DPOTrainer(LoopCounters):
         if eval_pairs:
             eval_metrics = self.evaluate(eval_pairs, eval_ref)
             log.info("dpo eval: %s", eval_metrics)
+        if self.parallel.mode == "fsdp":  # a plain policy again (full weights on every rank) for generation
+            self.policy = self.parallel.unwrap()
+            self._unwrapped = True
         return {"final_stats": self._final_stats(), "history": list(self.history), "eval": eval_metrics}
 
     def train_step(self, pairs: Sequence[PreferencePair], idx: List[int]) -> Dict[str, float]:
@@ -203,16 +216,21 @@ class DPOTrainer(LoopCounters):
         cfg = self.config
         t0 = time.perf_counter()
         mine = ddp.shard(idx)  # this rank's block of the batch (all of it in one process)
+        # Fewer pairs than ranks: this rank adds zero gradient. Under DDP/FSDP it must still run the
+        # forward and backward (they hold collectives): one pair, weighted 0.
+        rows = mine or (idx[:1] if self.parallel.wrapped else [])
         self.policy.train()
         loss = torch.zeros((), device=self.device)
         logps = torch.zeros((0, 2), device=self.device)
-        if mine:
-            batch = [pairs[i] for i in mine]
-            ref = self.ref_logps[mine].to(self.device)                     # (b, 2)
+        if rows:
+            batch = [pairs[i] for i in rows]
+            ref = self.ref_logps[rows].to(self.device)                     # (b, 2)
             logps = self.answer_logps(self.policy, batch)                  # (b, 2)
             loss, _ = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], cfg.beta, cfg.label_smoothing,
                                cfg.loss_type, self._labels(batch))
-        # The batch mean over ranks: each rank's mean weighted by its share (sync_gradients averages).
+            if not mine:
+                logps = logps[:0]
+        # The batch mean over ranks: each rank's mean weighted by its share (DDP/FSDP/sync_gradients average).
         scaled = loss * (len(mine) * ddp.world_size() / len(idx))
         # Metrics (and the logged loss) of the whole batch, as one process computes them.
         full = torch.stack([ddp.all_gather_cat(logps[:, 0].detach().float()),
@@ -224,7 +242,7 @@ class DPOTrainer(LoopCounters):
         self.optimizer.zero_grad(set_to_none=True)
         grad_norm, skipped = float("nan"), True
         if finite_on_all_ranks(loss):
-            if mine:
+            if rows:
                 scaled.backward()
             (grad_norm,), stepped = clip_and_step([(self.policy, self.optimizer, cfg.max_grad_norm)])
             skipped = not stepped
@@ -261,16 +279,20 @@ class DPOTrainer(LoopCounters):
     def save_checkpoint(self, checkpoint_dir, step: Optional[int] = None) -> Path:
         """`<dir>/checkpoint-<step>`: policy/ (HF format + tokenizer), optimiser, scheduler, history,
         the reference log-probs (so a resume needs no reference model), RNG states."""
-        state = {"history": self.history, "optimizer": self.optimizer.state_dict(),
+        state = {"history": self.history,
                  "scheduler": self.scheduler.state_dict() if self.scheduler else None, "ref_logps": self.ref_logps}
+        if not parallel.is_sharded(self.policy):  # FSDP: the optimiser goes with the policy's shards (DCP)
+            state["optimizer"] = self.optimizer.state_dict()
         return self.loop.save(checkpoint_dir, {"policy": self.policy}, self.tokenizer, state,
-                              metadata={"trainer": "dpo", "config": asdict(self.config)}, step=step)
+                              metadata={"trainer": "dpo", "config": asdict(self.config)}, step=step,
+                              optimizers={"policy": self.optimizer})
 
     def load_checkpoint(self, checkpoint_path) -> int:
         loaded = self.loop.resume(checkpoint_path)
         state = loaded.trainer_state
-        load_models(loaded, {"policy": self.policy})
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_models(loaded, {"policy": self.policy}, {"policy": self.optimizer})
+        if "optimizer" in state:  # else it came with the sharded policy (DCP)
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.history = list(state["history"])

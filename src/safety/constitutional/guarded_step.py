@@ -3,7 +3,8 @@
 After the trainer's own loss and `backward()`:
   1. every rank agrees whether the loss was finite before any gradient collective
      (`finite_on_all_ranks`; one process: just the check), so all ranks skip together;
-  2. gradients are averaged over ranks (`distributed.sync_gradients`, a no-op in one process);
+  2. gradients are averaged over ranks (`distributed.sync_gradients`, a no-op in one process), unless
+     DDP or FSDP already did it inside `backward()` (a model wrapped by `parallel.wrap`);
   3. each model's gradient is clipped to its `max_norm` (None: only measured);
   4. if every norm is finite, every optimiser steps; otherwise the gradients are dropped and the
      caller counts a bad step (each trainer's `max_bad_steps` policy decides when to stop);
@@ -20,6 +21,7 @@ from torch import nn
 from src.models.threads import adapt_threads
 
 from . import distributed as ddp
+from .parallel import is_wrapped
 
 __all__ = ["clip_and_step", "finite_on_all_ranks", "grad_norm"]
 
@@ -36,8 +38,18 @@ def grad_norm(model: nn.Module, max_norm: Optional[float]) -> float:
     if not params:
         return 0.0
     if max_norm is None:
+        if any(_is_dtensor(p.grad) for p in params):  # FSDP: shards; get_total_norm reduces over ranks
+            return _as_float(torch.nn.utils.get_total_norm([p.grad for p in params]))
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return _as_float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+def _is_dtensor(tensor) -> bool:
+    return hasattr(tensor, "full_tensor")
+
+
+def _as_float(norm) -> float:
+    return float(norm.full_tensor() if _is_dtensor(norm) else norm)
 
 
 def clip_and_step(parts: Sequence[Tuple[nn.Module, torch.optim.Optimizer, Optional[float]]]) -> Tuple[List[float], bool]:
@@ -45,7 +57,8 @@ def clip_and_step(parts: Sequence[Tuple[nn.Module, torch.optim.Optimizer, Option
 
     Returns (the gradient norms before clipping, whether the optimisers stepped). Gradients are
     cleared either way."""
-    ddp.sync_gradients(*[model for model, _, _ in parts])  # mean over ranks, before clipping
+    # mean over ranks, before clipping; DDP/FSDP-wrapped models had theirs reduced in backward()
+    ddp.sync_gradients(*[model for model, _, _ in parts if not is_wrapped(model)])
     norms = [grad_norm(model, max_norm) for model, _, max_norm in parts]
     stepped = all(math.isfinite(n) for n in norms)
     if stepped:

@@ -321,6 +321,7 @@ class Pipeline:
                                       log_file=str(out / "metrics.jsonl"))
         trainer = SFTTrainer(model, tokenizer, sft_cfg)
         metrics = trainer.train(records, resume_from=latest_checkpoint(out / "checkpoints"))
+        model = trainer.model  # after FSDP a new, plain model (parallel.Parallel.unwrap); else the same one
         self._save_model(merge_lora(model), tokenizer, out / "model")  # a plain HF model (a no-op without LoRA)
         return {"critique": stats, "train": _scalars(metrics)}
 
@@ -352,6 +353,7 @@ class Pipeline:
                                      log_file=str(out / "metrics.jsonl"))
         trainer = RewardTrainer(reward_model, tokenizer, rm_cfg)
         metrics = trainer.train(train_pairs, resume_from=latest_checkpoint(out / "checkpoints"))
+        reward_model = trainer.model  # after FSDP a new, plain model (parallel.Parallel.unwrap); else the same one
         _on_rank0(lambda: reward_model.save_pretrained(out / "model", tokenizer=tokenizer))
         summary = {"preferences": stats, "num_train_pairs": len(train_pairs), "train": _scalars(metrics)}
         eval_file = _resolve(cfg.data.reward_eval_pairs)
@@ -416,6 +418,7 @@ class Pipeline:
                                       log_file=str(out / "metrics.jsonl"))
         trainer = DPOTrainer(policy, tokenizer, dpo_cfg, device=self.device)
         result = trainer.train(pairs, resume_from=latest_checkpoint(out / "checkpoints"))
+        policy = trainer.policy  # after FSDP a new, plain model (parallel.Parallel.unwrap); else the same one
         self._save_model(policy, tokenizer, out / "model")
         return {"algorithm": "dpo", "num_pairs": len(pairs), "final_stats": _scalars(result.get("final_stats", {}))}
 

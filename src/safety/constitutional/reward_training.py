@@ -40,6 +40,7 @@ from src.models.heads import (RewardModel, backbone_of, head_scores, last_token_
 from src.models.precision import autocast
 
 from . import distributed as ddp
+from . import parallel
 from .checkpoint import latest_checkpoint
 from .generation import left_pad, render_prompt
 from .hh_rlhf import PreferencePair
@@ -77,6 +78,7 @@ class RewardTrainerConfig:
     log_file: Optional[str] = None            # metrics JSONL (a line every log_every steps + evals)
     log_every: int = 10
     show_progress: bool = True
+    distributed: str = "auto"                 # auto | ddp | fsdp | none: the data-parallel engine under torchrun (parallel.py)
 
     def __post_init__(self):
         checks = {
@@ -92,6 +94,7 @@ class RewardTrainerConfig:
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"RewardTrainerConfig.{name} has an invalid value: {getattr(self, name)!r}")
+        parallel.check_mode(self.distributed, "RewardTrainerConfig.distributed")
 
 
 # -- loss and metrics -------------------------------------------------------------------------------
@@ -289,6 +292,11 @@ class RewardTrainer:
         self.loop: Optional[TrainingLoop] = None  # one per train() call
         self.history: List[dict] = []             # every step's metrics and every evaluation
         self._features: Dict[int, Tuple[List[torch.Tensor], List[torch.Tensor]]] = {}
+        self.parallel: Optional[parallel.Parallel] = None  # DDP / FSDP / as is: wrapped in train()
+
+    def _run(self, fn):
+        """fn(model), inside the DDP/FSDP engine when there is one (every forward must be, under FSDP)."""
+        return self.parallel(fn) if self.parallel is not None else fn(self.model)
 
     # .. data ......................................................................................
     def _encode(self, pairs: Sequence[PreferencePair]):
@@ -309,7 +317,7 @@ class RewardTrainer:
             for start in tqdm(starts, desc=desc, disable=not self.config.show_progress, leave=False):
                 idx = order[start:start + bs]
                 ids, mask = left_pad([seqs[i] for i in idx], self.tokenizer.pad_token_id)
-                hidden = bottom_features(self.model, ids.to(device), mask.to(device), self.first_trainable)
+                hidden = self._run(lambda m: bottom_features(m, ids.to(device), mask.to(device), self.first_trainable))
                 for row, i in enumerate(idx):
                     out[i] = hidden[row, hidden.shape[1] - len(seqs[i]):]
         # clone() outside inference_mode: autograd may save these inputs for the backward pass.
@@ -324,11 +332,12 @@ class RewardTrainer:
         if features is not None:
             states = [features[0][i] for i in idx] + [features[1][i] for i in idx]
             hidden, mask = left_pad_states(states)
-            rewards = rewards_from_features(self.model, hidden.to(device), mask.to(device), self.first_trainable)
+            rewards = self._run(lambda m: rewards_from_features(m, hidden.to(device), mask.to(device),
+                                                                self.first_trainable))
         else:
             ids, mask = left_pad([encoded[i][0] for i in idx] + [encoded[i][1] for i in idx],
                                  self.tokenizer.pad_token_id)
-            rewards = self.model(ids.to(device), mask.to(device))
+            rewards = self._run(lambda m: m(ids.to(device), mask.to(device)))
         return rewards[:n], rewards[n:]
 
     def _labels(self, pairs, idx) -> Optional[torch.Tensor]:
@@ -380,6 +389,8 @@ class RewardTrainer:
         lengths = [max(len(c), len(r)) for c, r in encoded]
         steps_per_epoch = math.ceil(len(train_pairs) / cfg.batch_size)
         total_steps = steps_per_epoch * cfg.num_epochs
+        if self.parallel is None:  # DDP / FSDP2 / as is; before the optimiser (FSDP shards the parameters)
+            self.parallel = parallel.wrap(self.model, cfg.distributed)
         optimizer, scheduler = self._optimizer(total_steps)
         loop = self.loop = TrainingLoop(
             "reward model", cfg.max_bad_steps, keep_last=cfg.keep_checkpoints, log_file=cfg.log_file,
@@ -388,8 +399,9 @@ class RewardTrainer:
         loop.schedulers = [scheduler]
         if resume_from is not None and latest_checkpoint(resume_from) is not None:
             loaded = loop.resume(resume_from)
-            load_models(loaded, {MODEL_NAME: self.model})
-            optimizer.load_state_dict(loaded.trainer_state["optimizer"])
+            load_models(loaded, {MODEL_NAME: self.model}, {MODEL_NAME: optimizer})
+            if "optimizer" in loaded.trainer_state:  # else it came with the sharded model (DCP)
+                optimizer.load_state_dict(loaded.trainer_state["optimizer"])
             scheduler.load_state_dict(loaded.trainer_state["scheduler"])
 
         features = self._cached_features(0, encoded, "caching frozen layers (train)") if self.use_cache else None
@@ -455,6 +467,9 @@ class RewardTrainer:
         self.model.set_reward_stats(final["reward_mean"], final["reward_std"])
         self.model.config.reward_max_length = cfg.max_length  # evaluate/score with the trained context
         self.save_checkpoint(optimizer, scheduler)
+        if self.parallel.mode == "fsdp":  # a plain model again (full weights on every rank)
+            self.model = self.parallel.unwrap()
+            self.parallel = None
         if ddp.is_main_process():
             self.save_final()
         summary = {"steps": loop.step, "bad_steps": loop.skipped_updates, "train_pairs": len(train_pairs),
@@ -472,18 +487,23 @@ class RewardTrainer:
         # Under torchrun each rank scores its share of the batch; scaling the share's mean loss by
         # share * ranks / batch makes the ranks' mean gradient the whole batch's.
         local = ddp.shard(idx)
+        # Fewer pairs than ranks: this rank adds zero gradient. Under DDP/FSDP it must still run the
+        # forward and backward (they hold collectives): one pair, weighted 0.
+        rows = local or (idx[:1] if self.parallel.wrapped else [])
         optimizer.zero_grad(set_to_none=True)
-        if local:
-            r_c, r_r = self._batch_rewards(encoded, local, features)
-            loss = bradley_terry_loss(r_c, r_r, self._labels(pairs, local), cfg.margin)
+        if rows:
+            r_c, r_r = self._batch_rewards(encoded, rows, features)
+            loss = bradley_terry_loss(r_c, r_r, self._labels(pairs, rows), cfg.margin)
             if ddp.world_size() > 1:
                 loss = loss * (len(local) * ddp.world_size() / len(idx))
+            if not local:
+                r_c = r_r = torch.zeros(0)
         else:  # fewer pairs than ranks: this rank contributes zero gradients
             r_c = r_r = torch.zeros(0)
             loss = torch.zeros(())
         ok = finite_on_all_ranks(loss)  # all ranks skip together or none does
         if ok:
-            if local:
+            if rows:
                 loss.backward()
             _, ok = clip_and_step([(self.model, optimizer, cfg.max_grad_norm)])
         if not ok:
@@ -516,9 +536,12 @@ class RewardTrainer:
 
     # .. persistence ...............................................................................
     def save_checkpoint(self, optimizer, scheduler) -> Path:
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        state = {"scheduler": scheduler.state_dict()}
+        if not parallel.is_sharded(self.model):  # FSDP: the optimiser goes with the model's shards (DCP)
+            state["optimizer"] = optimizer.state_dict()
         return self.loop.save(self.output_dir / "checkpoints", {MODEL_NAME: self.model}, self.tokenizer, state,
-                              metadata={"stage": "reward_model", "config": asdict(self.config)})
+                              metadata={"stage": "reward_model", "config": asdict(self.config)},
+                              optimizers={MODEL_NAME: optimizer})
 
     def save_final(self) -> Path:
         """The trained model as a plain HF directory (with tokenizer and reward stats), written atomically."""

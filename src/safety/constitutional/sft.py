@@ -16,6 +16,7 @@ bad-step policy, Ctrl-C, checkpoints and the JSONL log are `training_loop.Traini
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -33,6 +34,7 @@ from src.models.checkpointing import enable_gradient_checkpointing
 from src.models.lora import add_lora
 
 from . import distributed as ddp
+from . import parallel
 from .generation import render_prompt
 from .logprobs import lm_logits
 from .guarded_step import clip_and_step
@@ -74,6 +76,7 @@ class SFTConfig:
     lora_alpha: float = 16.0
     system_prompt: Optional[str] = None  # passed to render_prompt; must match what generation uses
     show_progress: bool = True
+    distributed: str = "auto"         # auto | ddp | fsdp | none: the data-parallel engine under torchrun (parallel.py)
 
     def __post_init__(self):
         positive = ("num_epochs", "batch_size", "grad_accum_steps", "max_seq_len", "eval_batch_size",
@@ -96,6 +99,7 @@ class SFTConfig:
         if self.checkpoint_every < 0 or self.max_bad_steps < 0:
             raise ValueError("SFTConfig.checkpoint_every and max_bad_steps must be >= 0")
         self.adam_betas = tuple(self.adam_betas)
+        parallel.check_mode(self.distributed, "SFTConfig.distributed")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,6 +228,7 @@ class SFTTrainer:
         ddp.broadcast_model(model)  # under torchrun every rank starts from rank 0's weights
         if self.config.lora_r:  # only the adapters train; `merge_lora(model)` folds them in for export
             add_lora(model, self.config.lora_r, self.config.lora_alpha)
+        self.parallel: Optional[parallel.Parallel] = None  # DDP / FSDP / as is: wrapped in train()
 
     # -- losses ------------------------------------------------------------------------------------
     def _token_losses(self, batch: Dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -234,8 +239,12 @@ class SFTTrainer:
         # The 49k-vocabulary LM head costs as much as the backbone here: run it on answer positions only
         # (prompt positions are masked out of the loss anyway).
         positions = torch.cat([keep, torch.zeros_like(keep[:, :1])], 1)  # logits at t predict token t+1
-        logits = lm_logits(self.model, batch["input_ids"], batch["attention_mask"], positions)  # (answer_tokens, vocab)
-        loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
+
+        def loss_of(model):  # run inside the DDP/FSDP engine when there is one (parallel.py)
+            logits = lm_logits(model, batch["input_ids"], batch["attention_mask"], positions)  # (answer_tokens, vocab)
+            return torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
+
+        loss = self.parallel(loss_of) if self.parallel is not None else loss_of(self.model)
         return loss, int(keep.sum())
 
     @torch.no_grad()
@@ -277,6 +286,8 @@ class SFTTrainer:
 
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
+        if self.parallel is None:  # DDP / FSDP2 / as is; before the optimiser (FSDP shards the parameters)
+            self.parallel = parallel.wrap(self.model, cfg.distributed, self.device)
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             if p.requires_grad:
@@ -320,6 +331,9 @@ class SFTTrainer:
             state["eval_loss"].append([loop.step, eval_after])
             loop.log({"event": "eval", "step": loop.step, "eval_loss": eval_after})
         last_ckpt = save()
+        if self.parallel.mode == "fsdp":  # a plain model again (full weights on every rank) for generation
+            self.model = self.parallel.unwrap()
+            self.parallel = None
         losses = [loss for _, loss in state["train_loss"]]
         metrics = {
             "steps": loop.step,
@@ -349,22 +363,31 @@ class SFTTrainer:
         # Normalise by the answer tokens of the whole step, so accumulation equals one big batch.
         n_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
         # Under torchrun each rank takes its share of every micro-batch; its loss is scaled by the
-        # number of ranks so that the mean over ranks (sync_gradients) is the whole step's gradient.
+        # number of ranks so that the mean over ranks (DDP/FSDP, or sync_gradients) is the whole step's gradient.
         shares = [ddp.shard(batch) for batch in group]
         scale = ddp.world_size() / max(n_tokens, 1)
+        wrapped = self.parallel.wrapped
         optimizer.zero_grad(set_to_none=True)
         total_loss, finite = 0.0, True
-        for share in shares:
-            if not share:  # fewer examples than ranks: this rank adds zero gradient
-                continue
-            loss_sum, _ = self._token_losses(collate([examples[i] for i in share], self.tokenizer.pad_token_id))
-            loss = loss_sum * scale if ddp.world_size() > 1 else loss_sum / max(n_tokens, 1)
-            if not torch.isfinite(loss):
+        for number, (batch, share) in enumerate(zip(group, shares)):
+            # Fewer examples than ranks: this rank adds zero gradient. Under DDP/FSDP it must still run
+            # the forward and backward (they hold collectives): one example, weighted 0.
+            rows = share or (batch[:1] if wrapped else [])
+            loss = None
+            if rows:
+                loss_sum, _ = self._token_losses(collate([examples[i] for i in rows], self.tokenizer.pad_token_id))
+                loss = loss_sum * scale if ddp.world_size() > 1 else loss_sum / max(n_tokens, 1)
+                if not share:
+                    loss = loss * 0.0
+            # every rank votes on every micro-batch before its backward, so all skip together
+            if not ddp.all_true(loss is None or bool(torch.isfinite(loss))):
                 finite = False
                 break
-            loss.backward()
-            total_loss += float(loss.detach())
-        finite = ddp.all_true(finite)  # every rank skips together, before any gradient collective
+            if loss is not None:
+                last = number == len(group) - 1  # gradients are reduced over ranks in the last backward only
+                with contextlib.nullcontext() if last else self.parallel.no_sync():
+                    loss.backward()
+                total_loss += float(loss.detach())
         total_loss = ddp.all_reduce_mean(total_loss) if finite else total_loss
         grad_norm = float("nan")
         lr = optimizer.param_groups[0]["lr"]
@@ -380,8 +403,9 @@ class SFTTrainer:
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def _save(self, optimizer, scheduler, fingerprint: str, state: dict) -> Path:
+        sharded = parallel.is_sharded(self.model)  # FSDP: the optimiser goes with the model's shards (DCP)
         trainer_state = {
-            "optimizer": optimizer.state_dict(),
+            **({} if sharded else {"optimizer": optimizer.state_dict()}),
             "scheduler": scheduler.state_dict(),
             "bad_steps": self.loop.skipped_updates,
             "train_loss": state["train_loss"],
@@ -394,7 +418,7 @@ class SFTTrainer:
         }
         config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()}
         return self.loop.save(self.config.output_dir, {MODEL_NAME: self.model}, self.tokenizer, trainer_state,
-                              metadata={"stage": "sft", "config": config})
+                              metadata={"stage": "sft", "config": config}, optimizers={MODEL_NAME: optimizer})
 
     def _resume(self, path, optimizer, scheduler, fingerprint: str, state: dict) -> dict:
         def same_data(loaded) -> None:
@@ -405,8 +429,9 @@ class SFTTrainer:
 
         loaded = self.loop.resume(path, check=same_data)
         ts = loaded.trainer_state
-        load_models(loaded, {MODEL_NAME: self.model})
-        optimizer.load_state_dict(ts["optimizer"])
+        load_models(loaded, {MODEL_NAME: self.model}, {MODEL_NAME: optimizer})
+        if "optimizer" in ts:  # else it came with the sharded model (DCP)
+            optimizer.load_state_dict(ts["optimizer"])
         scheduler.load_state_dict(ts["scheduler"])
         state.update({k: ts[k] for k in ("train_loss", "eval_loss", "eval_loss_before", "tokens_seen")})
         state["step"] = self.loop.step

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed as ddp
+from . import parallel
 from .interrupts import GracefulInterrupt, interrupted
 from .io import append_jsonl
 
@@ -140,21 +141,33 @@ class TrainingLoop:
                 "skipped_updates": self.skipped_updates}
 
     def save(self, root, models: Dict[str, object], tokenizer=None, trainer_state: Optional[dict] = None,
-             metadata: Optional[dict] = None, step: Optional[int] = None) -> Path:
+             metadata: Optional[dict] = None, step: Optional[int] = None,
+             optimizers: Optional[Dict[str, object]] = None) -> Path:
         """`<root>/checkpoint-<step>` (default: the current step) with `models` (Hugging Face folders;
         a plain nn.Module's weights ride in the trainer state), the trainer's state plus the loop's
-        counters, and RNG states. Rank 0 writes; every rank returns the path once it exists."""
+        counters, and RNG states. Rank 0 writes; every rank returns the path once it exists.
+
+        An FSDP-sharded model (`parallel.is_sharded`) is written by every rank with DCP as
+        `<name>.dcp/`, together with its optimiser from `optimizers[name]` (so the trainer state must
+        not hold that optimiser), plus a plain HF export `<name>/` gathered to rank 0."""
         step = self.step if step is None else step
         state = {**(trainer_state or {}), **self.state_dict()}
-        folders = {}
+        folders, sharded = {}, {}
         for name, model in models.items():
-            if hasattr(model, "save_pretrained"):
+            if parallel.is_sharded(model):
+                optimizer = (optimizers or {}).get(name)
+
+                def write(tmp, name=name, model=model, optimizer=optimizer):
+                    parallel.save_sharded(tmp / f"{name}.dcp", model, optimizer)
+                    parallel.export_hf(model, tokenizer, tmp / name)
+                sharded[name] = write
+            elif hasattr(model, "save_pretrained"):
                 folders[name] = model
             else:
                 state.setdefault("module_states", {})[name] = model.state_dict()
-        if ddp.is_main_process():
+        if sharded or ddp.is_main_process():  # sharded: every rank writes its shards
             ckpt.save_checkpoint(root, step, folders, tokenizer=tokenizer, trainer_state=state,
-                                 metadata=metadata, keep_last=self.keep_last)
+                                 metadata=metadata, keep_last=self.keep_last, sharded=sharded)
         ddp.barrier()
         self.last_checkpoint, self._saved_at = ckpt.checkpoint_path(root, step), self.step
         return self.last_checkpoint
@@ -180,11 +193,23 @@ class TrainingLoop:
         return loaded
 
 
-def load_models(loaded: ckpt.Checkpoint, models: Dict[str, object]) -> None:
-    """Restore `models` in place (optimisers keep their references) from what `TrainingLoop.save` wrote."""
+def load_models(loaded: ckpt.Checkpoint, models: Dict[str, object],
+                optimizers: Optional[Dict[str, object]] = None) -> None:
+    """Restore `models` in place (optimisers keep their references) from what `TrainingLoop.save` wrote.
+
+    A sharded `<name>.dcp/` is preferred when present: it loads into the current layout (FSDP over any
+    number of ranks, or a plain model) together with `optimizers[name]`. Otherwise the trainer
+    restores the optimiser from its trainer state."""
     module_states = loaded.trainer_state.get("module_states", {})
     for name, model in models.items():
-        if name in module_states:
+        dcp_dir = loaded.path / f"{name}.dcp"
+        if dcp_dir.is_dir():
+            parallel.load_sharded(dcp_dir, model, (optimizers or {}).get(name))
+        elif parallel.is_sharded(model):
+            raise NotImplementedError(
+                f"{loaded.path} holds a plain (unsharded) '{name}': resuming it under FSDP is not wired; "
+                "resume with distributed=ddp or none, or start the FSDP run from its exported weights")
+        elif name in module_states:
             model.load_state_dict(module_states[name])
         else:
             ckpt.load_model_weights(model, loaded.model_dir(name))
