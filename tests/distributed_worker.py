@@ -2,8 +2,8 @@
 
 Rank r builds its models with seed r, so the ranks only agree if the trainers broadcast rank 0's
 weights at the start; it then trains a reward model (2 steps, DDP), SFT (2 steps, DDP, gradient
-accumulation), a reward model with a NaN loss on rank 1 only (DDP), PPO (2 steps, the hand-written
-gradient averaging) and DPO (2 steps, DDP) and writes its flattened weights to <out>/rank<r>.pt for
+accumulation), a reward model with a NaN loss on rank 1 only (DDP), PPO (2 steps, DDP,
+sampled answers) and DPO (2 steps, DDP) and writes its flattened weights to <out>/rank<r>.pt for
 the test to compare.
 """
 

@@ -30,6 +30,7 @@ from src.models.checkpointing import enable_gradient_checkpointing
 from src.models.lora import add_lora
 
 from . import distributed as ddp
+from . import parallel
 from .logprobs import sequence_logprobs
 from .optim import adamw, lr_scheduler
 from .rl_primitives import AdaptiveKLController, FixedKLController, kl_penalty, masked_mean
@@ -75,6 +76,12 @@ class OnlineRLTrainer(LoopCounters):
         if config.gradient_checkpointing:
             for model in self._trained_models():
                 enable_gradient_checkpointing(model)
+        # DDP under torchrun (`distributed`, default auto), the model as it is in one process. Generation,
+        # the rollout's forwards, the reference and checkpoints use the plain models (`self.policy`,
+        # `self.value_model`: DDP shares their parameters); every training forward goes through these.
+        self.policy_parallel = parallel.wrap(self.policy, config.distributed, self.device)
+        self.value_parallel = None if self.value_model is None else \
+            parallel.wrap(self.value_model, config.distributed, self.device)
 
         self.policy_optimizer = adamw(
             [p for p in self.policy.parameters() if p.requires_grad], lr=config.learning_rate,
