@@ -75,6 +75,8 @@ def test_two_processes_stay_in_sync_and_match_one_process(tokenizer, tmp_path):
     assert not torch.equal(r0["ppo_start"], r0["ppo_policy"])
     assert r0["reward_stats"] == r1["reward_stats"]  # running reward statistics see every rank's scores
     assert r0["ppo_scores"] != r1["ppo_scores"]      # ...while each rank sampled its own answers
+    # PPO resumed on 2 processes from the step-1 checkpoint: the same sampled answers, the same weights
+    assert torch.equal(r0["ppo_resumed"][0], r0["ppo_policy"]) and torch.equal(r0["ppo_resumed"][1], r0["ppo_value"])
 
     # only rank 0 wrote, and what it wrote is complete
     assert sorted(p.name for p in (tmp_path / "ppo").iterdir()) == ["checkpoint-000001", "checkpoint-000002"]

@@ -254,10 +254,13 @@ class OnlineRLTrainer(LoopCounters):
                              f"({ddp.world_size()}): each rank generates an equal share")
         if resume_from is not None:
             self.load_checkpoint(resume_from)
-        if ddp.world_size() > 1:  # ranks sample different answers (docs/distributed.md: seeding rule)
-            torch.manual_seed(ddp.sampling_seed(self.config.seed + self.step))
 
         def step() -> Dict[str, float]:
+            if ddp.world_size() > 1:
+                # ranks sample different answers (docs/distributed.md: seeding rule); re-seeded at every step
+                # from the step number, so a run resumed on several processes samples what the
+                # uninterrupted one did (one process: the checkpoint's RNG state does that)
+                torch.manual_seed(ddp.sampling_seed(self.config.seed + self.step))
             # every rank draws the same prompts (same sampler state) and keeps its share
             batch = ddp.shard(self._sample_prompts(prompts, batch_size))
             return self.train_step(batch, num_epochs_per_batch, max_length, temperature)
