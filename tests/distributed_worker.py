@@ -2,9 +2,9 @@
 
 Rank r builds its models with seed r, so the ranks only agree if the trainers broadcast rank 0's
 weights at the start; it then trains a reward model (2 steps, DDP), SFT (2 steps, DDP, gradient
-accumulation), a reward model with a NaN loss on rank 1 only (DDP), PPO (2 steps, the hand-written
-gradient averaging) and DPO (2 steps, DDP) and writes its flattened weights to <out>/rank<r>.pt for
-the test to compare.
+accumulation), a reward model with a NaN loss on rank 1 only (DDP), PPO (2 steps, DDP, sampled
+answers; then resumed from its step-1 checkpoint) and DPO (2 steps, DDP) and writes its flattened
+weights to <out>/rank<r>.pt for the test to compare.
 """
 
 import dataclasses
@@ -102,6 +102,13 @@ def main(out: Path) -> None:
     ppo_start = flat(ppo.policy)
     result = ppo.train(PROMPTS, num_steps=2, batch_size=2, num_epochs_per_batch=1, max_length=4,
                        checkpoint_dir=out / "ppo", checkpoint_freq=1, show_progress=False)
+    # -- PPO resumed on both ranks from its step-1 checkpoint (same initial weights: the reference is the
+    # initial policy); sampling included, it must end where the uninterrupted run ended
+    policy, _ = build_tiny_llama(tok, seed=20 + r)
+    resumed = PPOTrainer(policy, ValueModel.from_causal_lm(policy, device="cpu"), reward, tok, "cpu",
+                         config=PPOConfig(learning_rate=1e-3, mini_batch_size=1, reward_normalization="running"))
+    resumed.train(PROMPTS, num_steps=2, batch_size=2, num_epochs_per_batch=1, max_length=4,
+                  resume_from=out / "ppo" / "checkpoint-000001", checkpoint_freq=0, show_progress=False)
     # -- DPO: 2 steps of 4 pairs, 2 per rank
     dpo_policy, _ = build_tiny_llama(tok, seed=30 + r)
     dpo = DPOTrainer(dpo_policy, tok, dpo_config(out))
@@ -125,7 +132,9 @@ def main(out: Path) -> None:
                 "dpo_start": dpo_start, "dpo_after": flat(dpo.policy),
                 "dpo_loss": [h["loss"] for h in dpo_result["history"]],
                 "ppo_start": ppo_start, "ppo_policy": flat(ppo.policy), "ppo_value": flat(ppo.value_model),
-                "ppo_ref": flat(ppo.ref_model), "ppo_scores": [h["mean_score"] for h in result["history"]],
+                "ppo_ref": flat(ppo.ref_model),
+                "ppo_resumed": [flat(resumed.policy), flat(resumed.value_model)],
+                "ppo_scores": [h["mean_score"] for h in result["history"]],
                 "reward_stats": [ppo.reward_stats.mean, ppo.reward_stats.std]},
                out / f"rank{r}.pt")
     ddp.destroy_distributed()

@@ -1,5 +1,5 @@
-"""Data parallelism under torchrun: 2 CPU processes (gloo) stay in sync through SFT, RM and DPO training (DDP),
-PPO (hand-written gradient averaging) and FSDP2 (SFT, reward model; sharded checkpoints, resume on 1 process)."""
+"""Data parallelism under torchrun: 2 CPU processes (gloo) stay in sync through SFT, RM, DPO, PPO and GRPO
+training (DDP) and FSDP2 (SFT, reward model, DPO; sharded checkpoints, resume on 1 process)."""
 import os
 import subprocess
 import sys
@@ -17,13 +17,15 @@ from src.safety.constitutional.sft import SFTTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 import distributed_worker as worker  # noqa: E402
+import rl_ddp_worker  # noqa: E402
 import fsdp_worker  # noqa: E402
 
 # Two ranks each averaging half-batch gradients vs one process on the whole batch: the summation order
 # differs, so a parameter whose gradient is near Adam's eps can move by a visibly different fraction of
 # lr (1e-3). Measured here (CPU, gloo, torch 2.13; `pytest -s` prints them): DDP reward model 1.5e-5 max,
-# SFT 1.4e-6, DPO 1.3e-6; FSDP2 SFT 1.2e-7 (also resumed on 1 process), reward model 1.5e-5, DPO 1.3e-6; no entry
-# over 2e-5. Allowed: 2e-4 max, at most 10 entries over 2e-5.
+# SFT 1.4e-6, DPO 1.3e-6, PPO policy 1.5e-6 and critic 6.0e-6, GRPO 4.8e-6 (3 steps of 2 epochs, fixed answers);
+# FSDP2 SFT 1.2e-7 (also resumed on 1 process), reward model 1.5e-5, DPO 1.3e-6; no entry over 2e-5.
+# Allowed: 2e-4 max, at most 10 entries over 2e-5.
 def assert_close_to_one_process(single: torch.Tensor, two: torch.Tensor, what: str) -> None:
     diff = (single - two).abs()
     print(f"{what}: one process vs 2 ranks, max |diff| {diff.max().item():.3g}, "
@@ -38,7 +40,7 @@ def test_single_process_helpers_are_no_ops(tiny_model):
     assert ddp.sampling_seed(7) == 7
     ddp.barrier()
     ddp.broadcast_model(tiny_model)
-    ddp.sync_gradients(tiny_model)
+    assert not hasattr(ddp, "sync_gradients")  # the engines average the gradients (parallel.py)
 
 
 def test_shard_splits_deterministically_in_blocks(monkeypatch):
@@ -73,6 +75,8 @@ def test_two_processes_stay_in_sync_and_match_one_process(tokenizer, tmp_path):
     assert not torch.equal(r0["ppo_start"], r0["ppo_policy"])
     assert r0["reward_stats"] == r1["reward_stats"]  # running reward statistics see every rank's scores
     assert r0["ppo_scores"] != r1["ppo_scores"]      # ...while each rank sampled its own answers
+    # PPO resumed on 2 processes from the step-1 checkpoint: the same sampled answers, the same weights
+    assert torch.equal(r0["ppo_resumed"][0], r0["ppo_policy"]) and torch.equal(r0["ppo_resumed"][1], r0["ppo_value"])
 
     # only rank 0 wrote, and what it wrote is complete
     assert sorted(p.name for p in (tmp_path / "ppo").iterdir()) == ["checkpoint-000001", "checkpoint-000002"]
@@ -111,6 +115,65 @@ def test_two_processes_stay_in_sync_and_match_one_process(tokenizer, tmp_path):
     assert [h["loss"] for h in history] == pytest.approx(r0["dpo_loss"], abs=1e-5)
     assert not torch.equal(r0["dpo_start"], r0["dpo_after"])
     assert_close_to_one_process(worker.flat(dpo.policy), r0["dpo_after"], "DDP DPO")
+
+
+@pytest.mark.slow
+def test_ppo_and_grpo_on_ddp_stay_in_sync_match_one_process_and_resume(tokenizer, tmp_path, monkeypatch):
+    """PPO (policy and critic wrapped in DDP) and GRPO (policy in DDP) on 2 gloo processes, one prompt per
+    rank: identical weights on both ranks, close to one process on both prompts (the answers are fixed
+    per prompt, `rl_ddp_worker.fixed_answers`, so both runs see the same rollouts), and a run resumed
+    from its step-2 checkpoint on both ranks ends where the uninterrupted one ended."""
+    from src.safety.constitutional import rl_rollout
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CAI_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           str(ROOT / "tests" / "rl_ddp_worker.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rl_rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["modes"] == r1["modes"] == ["ddp", "ddp", "ddp"]  # distributed: auto under torchrun
+    for key in ("ppo_start", "ppo_policy", "ppo_value", "ppo_resumed_policy", "ppo_resumed_value",
+                "grpo_start", "grpo_policy"):
+        assert torch.equal(r0[key], r1[key]), key
+    assert not torch.equal(r0["ppo_start"], r0["ppo_policy"]) and not torch.equal(r0["grpo_start"], r0["grpo_policy"])
+    assert r0["ppo_skipped"] == r0["grpo_skipped"] == [0] * rl_ddp_worker.STEPS
+    assert r0["ppo_scores"] != r1["ppo_scores"]  # each rank scored its own prompt's answer
+    # exact resume under DDP: from the step-2 checkpoint (rank 0 wrote it) to the same end, bit for bit
+    assert torch.equal(r0["ppo_resumed_policy"], r0["ppo_policy"]) and torch.equal(r0["ppo_resumed_value"], r0["ppo_value"])
+    assert sorted(p.name for p in (tmp_path / "ppo").iterdir()) == \
+        ["checkpoint-000001", "checkpoint-000002", "checkpoint-000003"]
+
+    # one process, both prompts in one batch (distributed: auto -> none)
+    monkeypatch.setattr(rl_rollout, "generate", rl_ddp_worker.fixed_answers)
+    ppo = rl_ddp_worker.ppo_trainer(tokenizer, seed=70)
+    assert ppo.policy_parallel.mode == "none" and torch.equal(rl_ddp_worker.flat(ppo.policy), r0["ppo_start"])
+    rl_ddp_worker.train(ppo)
+    assert_close_to_one_process(rl_ddp_worker.flat(ppo.policy), r0["ppo_policy"], "DDP PPO policy")
+    assert_close_to_one_process(rl_ddp_worker.flat(ppo.value_model), r0["ppo_value"], "DDP PPO critic")
+    grpo = rl_ddp_worker.grpo_trainer(tokenizer, seed=80)
+    assert torch.equal(rl_ddp_worker.flat(grpo.policy), r0["grpo_start"])
+    rl_ddp_worker.train(grpo)
+    assert_close_to_one_process(rl_ddp_worker.flat(grpo.policy), r0["grpo_policy"], "DDP GRPO policy")
+
+
+def test_online_rl_refuses_fsdp_and_unwrapped_training_under_torchrun(tiny_model, monkeypatch):
+    from src.safety.constitutional import guarded_step
+    from src.safety.constitutional.policy_gradient import GRPOConfig
+    from src.safety.constitutional.ppo_trainer import PPOConfig
+
+    assert PPOConfig().distributed == GRPOConfig().distributed == "auto"
+    for config in (PPOConfig, GRPOConfig):
+        with pytest.raises(ValueError, match="not supported for online RL"):
+            config(distributed="fsdp")
+    with pytest.raises(ValueError, match="distributed"):
+        PPOConfig(distributed="zero3")
+    # several processes: distributed='none' would leave the gradients unaveraged, so it stops
+    monkeypatch.setattr(ddp, "world_size", lambda: 2)
+    with pytest.raises(ValueError, match="diverging copies"):
+        parallel.wrap(tiny_model, "none")
+    optimizer = torch.optim.SGD(tiny_model.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="not wrapped"):
+        guarded_step.clip_and_step([(tiny_model, optimizer, 1.0)])
 
 
 @pytest.mark.slow

@@ -3,13 +3,11 @@
     torchrun --nproc_per_node 2 scripts/train_constitutional.py ...     # gloo on CPU, NCCL on GPU
     python scripts/train_constitutional.py ...                          # one process: everything here is a no-op
 
-SFT, the reward model and DPO train on PyTorch's engines (`parallel.wrap`: DDP by default under
-torchrun, FSDP2 with `distributed: fsdp`). PPO and GRPO/RLOO/REINFORCE still use the hand-written
-averaging here: every rank holds a full copy of each model, works on its share of the data
-(`shard`), and right after `backward()` `guarded_step` calls `sync_gradients(model)`, which replaces
-every `.grad` by its mean over ranks. All ranks then clip, step and schedule identically, so their
-weights stay equal without ever being sent again after the start (`broadcast_model`).
-`sync_gradients` goes once PPO is on `parallel.wrap` too.
+Every trainer (SFT, the reward model, DPO, PPO and GRPO/RLOO/REINFORCE) trains on PyTorch's engines
+(`parallel.wrap`: DDP by default under torchrun; FSDP2 with `distributed: fsdp` for SFT, the reward
+model and DPO): every rank works on its share of the data (`shard`) and the engine averages the
+gradients inside `backward()`. The helpers here are the rest: joining the process group, the
+start-of-run broadcast (`broadcast_model`), metric means, the all-ranks vote before a step, gathers.
 
 Seeding rule: model initialisation uses the same seed on every rank (and is broadcast from rank 0
 anyway); sampling (PPO rollouts) uses `seed + SAMPLING_SEED_STRIDE * rank`, so ranks draw different
@@ -113,38 +111,6 @@ def _device_for_collectives(tensor: torch.Tensor) -> torch.device:
     return tensor.device
 
 
-def sync_gradients(*models: torch.nn.Module) -> None:
-    """Replace each trainable parameter's `.grad` by its mean over ranks (call right after backward).
-
-    The hand-written data parallelism PPO and GRPO/RLOO/REINFORCE still use; models wrapped by
-    `parallel.wrap` (DDP, FSDP) must not come here (`guarded_step` leaves them out).
-
-    A parameter without a gradient on this rank (e.g. it had no data) contributes zeros, so every
-    rank issues the same collectives in the same order. Parameters are flattened into one buffer per
-    dtype and device to make one all-reduce call instead of hundreds.
-    """
-    size = world_size()
-    if size == 1:
-        return
-    params = [p for m in models for p in m.parameters() if p.requires_grad]
-    groups: dict = {}
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        groups.setdefault((p.grad.dtype, p.grad.device), []).append(p)
-    for (_, device), group in groups.items():
-        flat = torch.cat([p.grad.reshape(-1) for p in group])       # (total numel,)
-        target = _device_for_collectives(flat)
-        flat = flat.to(target)
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat = flat.div_(size).to(device)
-        offset = 0
-        for p in group:
-            n = p.numel()
-            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
-            offset += n
-
-
 @torch.no_grad()
 def broadcast_model(model: torch.nn.Module, src: int = 0) -> None:
     """Copy rank `src`'s parameters and buffers to every rank (so all start from identical weights)."""
@@ -199,5 +165,5 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["init_distributed", "destroy_distributed", "is_initialized", "world_size", "rank", "local_rank",
-           "is_main_process", "barrier", "sampling_seed", "shard", "sync_gradients", "broadcast_model",
+           "is_main_process", "barrier", "sampling_seed", "shard", "broadcast_model",
            "all_reduce_mean", "all_true", "all_gather_cat", "SAMPLING_SEED_STRIDE"]

@@ -230,7 +230,7 @@ class DPOTrainer(LoopCounters):
                                cfg.loss_type, self._labels(batch))
             if not mine:
                 logps = logps[:0]
-        # The batch mean over ranks: each rank's mean weighted by its share (DDP/FSDP/sync_gradients average).
+        # The batch mean over ranks: each rank's mean weighted by its share (DDP/FSDP average).
         scaled = loss * (len(mine) * ddp.world_size() / len(idx))
         # Metrics (and the logged loss) of the whole batch, as one process computes them.
         full = torch.stack([ddp.all_gather_cat(logps[:, 0].detach().float()),

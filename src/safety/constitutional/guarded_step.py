@@ -3,8 +3,9 @@
 After the trainer's own loss and `backward()`:
   1. every rank agrees whether the loss was finite before any gradient collective
      (`finite_on_all_ranks`; one process: just the check), so all ranks skip together;
-  2. gradients are averaged over ranks (`distributed.sync_gradients`, a no-op in one process), unless
-     DDP or FSDP already did it inside `backward()` (a model wrapped by `parallel.wrap`);
+  2. under torchrun the gradients were already averaged over ranks inside `backward()` by DDP or FSDP
+     (every trained model is wrapped by `parallel.wrap`; an unwrapped one with several processes is an
+     error, since nothing would average its gradients);
   3. each model's gradient is clipped to its `max_norm` (None: only measured);
   4. if every norm is finite, every optimiser steps; otherwise the gradients are dropped and the
      caller counts a bad step (each trainer's `max_bad_steps` policy decides when to stop);
@@ -57,8 +58,12 @@ def clip_and_step(parts: Sequence[Tuple[nn.Module, torch.optim.Optimizer, Option
 
     Returns (the gradient norms before clipping, whether the optimisers stepped). Gradients are
     cleared either way."""
-    # mean over ranks, before clipping; DDP/FSDP-wrapped models had theirs reduced in backward()
-    ddp.sync_gradients(*[model for model, _, _ in parts if not is_wrapped(model)])
+    # mean over ranks, before clipping: DDP/FSDP reduced the gradients in backward()
+    if ddp.world_size() > 1:
+        unwrapped = [type(model).__name__ for model, _, _ in parts if not is_wrapped(model)]
+        if unwrapped:
+            raise RuntimeError(f"{', '.join(unwrapped)} is trained by {ddp.world_size()} processes but not wrapped "
+                               "by parallel.wrap (DDP/FSDP): nothing would average its gradients over the ranks")
     norms = [grad_norm(model, max_norm) for model, _, max_norm in parts]
     stepped = all(math.isfinite(n) for n in norms)
     if stepped:

@@ -6,15 +6,16 @@ those that do not.
     with par.no_sync(): loss.backward()      # gradient accumulation: no reduction for this backward
     model = par.unwrap()                     # a plain model again, for generation and saving
 
-Modes (`distributed` on the SFT, reward-model and DPO configs):
+Modes (`distributed` on the SFT, reward-model, DPO and online RL configs: PPO, GRPO/RLOO/REINFORCE):
 
-* `none`: the model as it is; one process, or the hand-written `distributed.sync_gradients`
-  (still what PPO and GRPO/RLOO/REINFORCE use);
+* `none`: the model as it is; one process only (with several processes it is an error: nothing else
+  averages the gradients);
 * `ddp`: `DistributedDataParallel`; every rank holds the whole model and gradients are averaged in
   buckets during `backward()`;
 * `fsdp`: FSDP2 (`torch.distributed.fsdp.fully_shard`) on every decoder layer, then on the whole;
   parameters, gradients and optimiser state are sharded over the ranks. On CUDA parameters are
   gathered in bf16 and gradients reduced in fp32 (`MixedPrecisionPolicy`); on CPU (gloo) in fp32;
+  Not for the online RL trainers yet (their configs refuse it): generation needs the full weights;
 * `auto` (default): `ddp` when the world size is > 1, else `none`.
   With one process `ddp` and `fsdp` fall back to `none` (nothing to parallelise); a sharded
   checkpoint still loads then, into the plain model.
@@ -27,8 +28,8 @@ the engine wraps a small `Forward` module whose forward is `fn(model)`: any comp
 model runs inside it. Under FSDP every forward, evaluation included, must go through it, on every
 rank, the same number of times.
 
-The guarded step skips the hand-written gradient averaging for wrapped models
-(`is_wrapped`); clipping and the finite-norm vote are unchanged (the norm of FSDP's sharded
+The guarded step leaves the gradient averaging to the engine (it refuses an unwrapped model under
+torchrun, `is_wrapped`); clipping and the finite-norm vote are the same for every mode (the norm of FSDP's sharded
 gradients is reduced over ranks by `clip_grad_norm_`).
 
 Checkpoints of a sharded model: `save_sharded` writes model and optimiser state with
@@ -85,7 +86,7 @@ def resolve_mode(mode: str) -> str:
 
 
 def is_wrapped(model: nn.Module) -> bool:
-    """True when DDP or FSDP reduces this model's gradients (the hand-written sync must not)."""
+    """True when DDP or FSDP reduces this model's gradients (under torchrun every trained model must be)."""
     return getattr(model, _MARK, "none") != "none"
 
 
@@ -163,6 +164,9 @@ def wrap(model: nn.Module, mode: str = "auto", device=None) -> Parallel:
     """Put `model` on the engine `mode` names (module docstring). Build the optimiser AFTER this:
     FSDP replaces the parameters with sharded ones."""
     resolved = resolve_mode(mode)
+    if resolved == "none" and ddp.world_size() > 1:
+        raise ValueError(f"distributed='none' with {ddp.world_size()} processes would train {ddp.world_size()} "
+                         "diverging copies (nothing averages the gradients): use 'auto' or 'ddp'")
     if resolved == "none":
         return Parallel(model, "none", None)
     if is_wrapped(model):

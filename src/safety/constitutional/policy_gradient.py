@@ -233,8 +233,9 @@ class PolicyGradientTrainer(OnlineRLTrainer):
         ids, attn, mask = rollout.input_ids[idx], rollout.attention_mask[idx], rollout.mask[idx]
         old_logprobs, ref_logprobs = rollout.logprobs[idx], rollout.ref_logprobs[idx]
 
-        new_logprobs, entropy = sequence_logprobs(self.policy, ids, attn, R, temperature, return_entropy=True,
-                                                  entropy_grad=bool(cfg.entropy_coef))
+        new_logprobs, entropy = self.policy_parallel(  # through the engine (DDP reduces in backward())
+            lambda m: sequence_logprobs(m, ids, attn, R, temperature, return_entropy=True,
+                                        entropy_grad=bool(cfg.entropy_coef)))
         if cfg.policy_loss == "clipped":
             loss, metrics = ppo_policy_loss(new_logprobs, old_logprobs, advantages, mask, cfg.clip_epsilon)
         elif cfg.policy_loss == "importance_sampling":

@@ -42,6 +42,7 @@ from torch import nn
 from src.models.heads import ValueModel
 
 from . import distributed as ddp
+from . import parallel
 from .guarded_step import clip_and_step, finite_on_all_ranks
 from .logprobs import sequence_logprobs
 from .optim import LR_SCHEDULES
@@ -115,6 +116,8 @@ class PPOConfig:
     lora_dropout: float = 0.0               # (disable_dropout also turns this off)
     lora_target_modules: Optional[List[str]] = None  # None: every Linear but the LM head
     disable_dropout: bool = True            # dropout would make old/new log-probs differ at ratio 1
+    distributed: str = "auto"               # auto | ddp | none: the data-parallel engine under torchrun (parallel.py);
+                                            # fsdp is not supported for online RL yet (generation needs full weights)
     # bookkeeping
     max_bad_steps: int = 3                  # steps in a row with a non-finite loss/grad tolerated (training_loop)
     seed: int = 0                           # prompt sampling and mini-batch shuffling
@@ -141,6 +144,12 @@ class PPOConfig:
         need(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {LR_SCHEDULES}")
         need(self.mini_batch_size is None or self.mini_batch_size >= 1, "mini_batch_size", "must be >= 1")
         need(self.max_bad_steps >= 0, "max_bad_steps", "must be >= 0")
+        parallel.check_mode(self.distributed, f"{type(self).__name__}.distributed")
+        if self.distributed == "fsdp":
+            raise ValueError(f"{type(self).__name__}.distributed='fsdp' is not supported for online RL "
+                             "(PPO, GRPO/RLOO/REINFORCE) yet: generating the rollouts needs the full weights on "
+                             "every rank. Use distributed='ddp' (or 'auto'), with lora_r and gradient_checkpointing "
+                             "to save memory")
         need(self.target_kl > 0, "target_kl", "must be > 0")
         need(math.isfinite(self.judge_reward_weight), "judge_reward_weight", "must be a finite number (0: off)")
         need(self.lora_r >= 0, "lora_r", "must be >= 0 (0: no LoRA)")
@@ -192,12 +201,14 @@ class PPOTrainer(OnlineRLTrainer):
         super().__init__(policy_model, value_model, reward_model, tokenizer, device, config, ref_model=ref_model,
                          reward_tokenizer=reward_tokenizer, judge_reward=judge_reward)
 
-    def _token_values(self, input_ids, attention_mask, prompt_width, response_len) -> torch.Tensor:
-        """Values aligned with answer tokens: column P-1+t for token t. (batch, R)"""
-        if hasattr(self.value_model, "token_scores"):
-            per_position = self.value_model.token_scores(input_ids, attention_mask)
+    def _token_values(self, input_ids, attention_mask, prompt_width, response_len, value_model=None) -> torch.Tensor:
+        """Values aligned with answer tokens: column P-1+t for token t. (batch, R). `value_model`: the model
+        to call (a training forward passes a `Parallel`'s `Forward` model); default the plain critic."""
+        value_model = self.value_model if value_model is None else value_model
+        if hasattr(value_model, "token_scores"):
+            per_position = value_model.token_scores(input_ids, attention_mask)
         else:
-            per_position = self.value_model(input_ids, attention_mask)
+            per_position = value_model(input_ids, attention_mask)
             per_position = getattr(per_position, "logits", per_position)
             if per_position.dim() == 3 and per_position.shape[-1] == 1:
                 per_position = per_position.squeeze(-1)
@@ -277,8 +288,10 @@ class PPOTrainer(OnlineRLTrainer):
         ids, attn, mask = rollout.input_ids[idx], rollout.attention_mask[idx], rollout.mask[idx]
         old_logprobs, ref_logprobs, old_values = rollout.logprobs[idx], rollout.ref_logprobs[idx], rollout.values[idx]
 
-        new_logprobs, entropy = sequence_logprobs(self.policy, ids, attn, R, temperature, return_entropy=True,
-                                                  entropy_grad=bool(cfg.entropy_coef))
+        # the training forwards go through the engines (DDP reduces the gradients in backward())
+        new_logprobs, entropy = self.policy_parallel(
+            lambda m: sequence_logprobs(m, ids, attn, R, temperature, return_entropy=True,
+                                        entropy_grad=bool(cfg.entropy_coef)))
         pg_loss, metrics = ppo_policy_loss(new_logprobs, old_logprobs, advantages, mask, cfg.clip_epsilon)
         entropy_mean = masked_mean(entropy if cfg.entropy_coef else entropy.detach(), mask)
         policy_loss = pg_loss - cfg.entropy_coef * entropy_mean
@@ -286,7 +299,7 @@ class PPOTrainer(OnlineRLTrainer):
             kl_ref = masked_mean(kl_penalty(new_logprobs, ref_logprobs, "k3"), mask)
             policy_loss = policy_loss + conservative_kl_penalty(kl_ref, cfg.conservative_kl_threshold,
                                                                 cfg.conservative_kl_coef)
-        values = self._token_values(ids, attn, P, R)
+        values = self.value_parallel(lambda m: self._token_values(ids, attn, P, R, value_model=m))
         vf_loss, vf_metrics = clipped_value_loss(values, old_values, returns, mask, cfg.value_clip)
         value_loss = cfg.value_loss_coef * vf_loss
 

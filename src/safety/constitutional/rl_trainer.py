@@ -30,6 +30,7 @@ from src.models.checkpointing import enable_gradient_checkpointing
 from src.models.lora import add_lora
 
 from . import distributed as ddp
+from . import parallel
 from .logprobs import sequence_logprobs
 from .optim import adamw, lr_scheduler
 from .rl_primitives import AdaptiveKLController, FixedKLController, kl_penalty, masked_mean
@@ -75,6 +76,12 @@ class OnlineRLTrainer(LoopCounters):
         if config.gradient_checkpointing:
             for model in self._trained_models():
                 enable_gradient_checkpointing(model)
+        # DDP under torchrun (`distributed`, default auto), the model as it is in one process. Generation,
+        # the rollout's forwards, the reference and checkpoints use the plain models (`self.policy`,
+        # `self.value_model`: DDP shares their parameters); every training forward goes through these.
+        self.policy_parallel = parallel.wrap(self.policy, config.distributed, self.device)
+        self.value_parallel = None if self.value_model is None else \
+            parallel.wrap(self.value_model, config.distributed, self.device)
 
         self.policy_optimizer = adamw(
             [p for p in self.policy.parameters() if p.requires_grad], lr=config.learning_rate,
@@ -247,10 +254,13 @@ class OnlineRLTrainer(LoopCounters):
                              f"({ddp.world_size()}): each rank generates an equal share")
         if resume_from is not None:
             self.load_checkpoint(resume_from)
-        if ddp.world_size() > 1:  # ranks sample different answers (docs/distributed.md: seeding rule)
-            torch.manual_seed(ddp.sampling_seed(self.config.seed + self.step))
 
         def step() -> Dict[str, float]:
+            if ddp.world_size() > 1:
+                # ranks sample different answers (docs/distributed.md: seeding rule); re-seeded at every step
+                # from the step number, so a run resumed on several processes samples what the
+                # uninterrupted one did (one process: the checkpoint's RNG state does that)
+                torch.manual_seed(ddp.sampling_seed(self.config.seed + self.step))
             # every rank draws the same prompts (same sampler state) and keeps its share
             batch = ddp.shard(self._sample_prompts(prompts, batch_size))
             return self.train_step(batch, num_epochs_per_batch, max_length, temperature)

@@ -363,7 +363,7 @@ class SFTTrainer:
         # Normalise by the answer tokens of the whole step, so accumulation equals one big batch.
         n_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
         # Under torchrun each rank takes its share of every micro-batch; its loss is scaled by the
-        # number of ranks so that the mean over ranks (DDP/FSDP, or sync_gradients) is the whole step's gradient.
+        # number of ranks so that the mean over ranks (DDP/FSDP) is the whole step's gradient.
         shares = [ddp.shard(batch) for batch in group]
         scale = ddp.world_size() / max(n_tokens, 1)
         wrapped = self.parallel.wrapped
