@@ -41,19 +41,25 @@ DEFAULT_HARM_WEIGHTS = REPO_ROOT / "data" / "judges" / "harm.npz"
 
 
 class BackboneFeatures:
-    """Mean of one layer's hidden states over the answer tokens, for (prompt, answer) pairs.
+    """Mean of the hidden states over the answer tokens at one or more layers (concatenated), for
+    (prompt, answer) pairs.
 
     The prompt is rendered with the tokenizer's chat template (as generation and reward models see
-    it); the answer follows with end-of-turn. Over-long inputs lose the start of the prompt first."""
+    it); the answer follows with end-of-turn. Over-long inputs lose the start of the prompt first.
+    Only the layers up to the deepest one read are kept, so that one is read after the final norm
+    (Hugging Face's last hidden state); shallower ones are the raw residual stream."""
 
     def __init__(self, model_name: str = "default", layer: int = 8, max_length: int = 160,
-                 batch_size: int = 16, device: str = "cpu", int8: bool = False):
+                 batch_size: int = 16, device: str = "cpu", int8: bool = False,
+                 layers: Optional[Sequence[int]] = None):
         from ....models import load_causal_lm
 
+        self.layers = tuple(int(l) for l in (layers or (layer,)))
+        layer = max(self.layers)
         model, self.tokenizer = load_causal_lm(model_name, device=device)
         backbone = model.model if hasattr(model, "model") else model
-        if layer > len(backbone.layers):
-            raise ValueError(f"layer {layer} requested but {model_name} has {len(backbone.layers)} layers")
+        if layer > len(backbone.layers) or min(self.layers) < 1:
+            raise ValueError(f"layers {self.layers} requested but {model_name} has {len(backbone.layers)} layers")
         backbone.layers = backbone.layers[:layer]  # the layers above are never read: drop them
         self.backbone = backbone.eval()
         if int8 and str(device).startswith("cpu"):
@@ -63,7 +69,7 @@ class BackboneFeatures:
             self.backbone = int8_sampling_copy(self.backbone)
         self.int8 = bool(int8) and str(device).startswith("cpu")
         self.model_name, self.layer, self.max_length, self.batch_size = model_name, layer, max_length, batch_size
-        self.dim = model.config.hidden_size
+        self.dim = model.config.hidden_size * len(self.layers)
         self._recent: "OrderedDict[tuple, np.ndarray]" = OrderedDict()  # the harm judge and the refusal
         # classifier read the same answers one after the other: the second asks for cached features
 
@@ -109,8 +115,9 @@ class BackboneFeatures:
             adapt_threads()  # src/models/threads.py: fewer threads while other processes use the cores
             idx = order[start:start + self.batch_size]
             ids, mask = left_pad([items[i][0] for i in idx], self.tokenizer.pad_token_id, device)
-            hidden = self.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                                   output_hidden_states=True, use_cache=False).hidden_states[self.layer]
+            states = self.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                                   output_hidden_states=True, use_cache=False).hidden_states
+            hidden = torch.cat([states[l] for l in self.layers], dim=-1)
             width = ids.shape[1]
             for row, i in enumerate(idx):
                 first = width - len(items[i][0]) + items[i][1]  # left padding + prompt
@@ -122,20 +129,23 @@ _CACHE_SIZE = 4096
 _BACKBONES: dict = {}
 
 
-def shared_backbone(model_name: str = "default", layer: int = 8, max_length: int = 160,
+def shared_backbone(model_name: str = "default", layer=8, max_length: int = 160,
                     device: str = "cpu", int8: bool = False) -> BackboneFeatures:
-    """One loaded backbone per (model, layer, length, device, int8), shared by the harm judge and the
-    refusal classifier (one model in memory, one forward per answer for both)."""
-    key = (str(model_name), int(layer), int(max_length), str(device), bool(int8))
+    """One loaded backbone per (model, layers, length, device, int8), shared by the judges that read
+    the same features (the refusal classifier and the harm judge's single-answer head: one model in
+    memory, one forward per answer for both). `layer`: one layer or a sequence of them."""
+    layers = tuple(int(l) for l in (layer if isinstance(layer, (list, tuple)) else (layer,)))
+    key = (str(model_name), layers, int(max_length), str(device), bool(int8))
     if key not in _BACKBONES:
-        _BACKBONES[key] = BackboneFeatures(*key[:3], device=key[3], int8=key[4])
+        _BACKBONES[key] = BackboneFeatures(key[0], max_length=key[2], device=key[3], int8=key[4], layers=layers)
     return _BACKBONES[key]
 
 
 def backbone_for(meta: dict, device: str = "cpu") -> BackboneFeatures:
-    """The backbone a trained judge's weights were fitted on, as recorded in their `meta`."""
-    return shared_backbone(meta.get("backbone", "default"), int(meta.get("layer", 8)), int(meta.get("max_length", 160)),
-                           device, bool(meta.get("int8", False)))
+    """The backbone a trained judge's weights were fitted on, as recorded in their `meta`
+    (`layers` or `layer`, `max_length`, `int8`, `backbone`)."""
+    return shared_backbone(meta.get("backbone", "default"), meta.get("layers") or int(meta.get("layer", 8)),
+                           int(meta.get("max_length", 160)), device, bool(meta.get("int8", False)))
 
 
 class HarmJudge(Evaluator):
@@ -160,6 +170,13 @@ class HarmJudge(Evaluator):
             self._features = backbone_for(self.meta, self.device)
         return self._features
 
+    @property
+    def answer_features(self) -> BackboneFeatures:
+        """The backbone of the single-answer head: its own (`meta["answer_backbone"]`, a cheaper one
+        than the pairwise probe's, so that scoring answers stays fast) or the pairwise probe's."""
+        spec = self.meta.get("answer_backbone")
+        return backbone_for(spec, self.device) if spec else self.features
+
     # -- the numbers -----------------------------------------------------------------------------
     def utilities_from_features(self, x: np.ndarray) -> np.ndarray:
         return ((x - self.mean) / self.std) @ self.coef
@@ -175,19 +192,28 @@ class HarmJudge(Evaluator):
         """The P(harmful) at which an answer is flagged (chosen on validation answers)."""
         return float(self.answer_head["threshold"]) if self.answer_head else 0.5
 
+    def answer_design(self, x: np.ndarray) -> np.ndarray:
+        """The single-answer head's inputs from raw features of `answer_features`: standardised with
+        the head's own statistics when it has its own backbone, else [standardised features, u]."""
+        head = self.answer_head
+        if head is not None and "mean" in head:
+            z = (x - np.asarray(head["mean"])) / np.asarray(head["std"])
+            # with a pairwise probe of its own backbone, its utility is a feature too (as in the old design)
+            return np.c_[z, z @ np.asarray(head["pair_coef"])] if "pair_coef" in head else z
+        z = (x - self.mean) / self.std
+        return np.c_[z, z @ self.coef]
+
     def answer_logits(self, x: np.ndarray) -> np.ndarray:
-        """Calibrated logit of P(harmful) from raw backbone features x (standardised here). (n,)"""
+        """Calibrated logit of P(harmful) from raw features x of `answer_features`. (n,)"""
         if self.answer_head is None:
             raise ValueError("this harm judge has no single-answer head; train one with scripts/train_judges.py")
-        z = (x - self.mean) / self.std
-        u = z @ self.coef
         head = self.answer_head
-        return (np.c_[z, u] @ np.asarray(head["coef"]) + float(head["intercept"])) / float(head["temperature"])
+        return (self.answer_design(x) @ np.asarray(head["coef"]) + float(head["intercept"])) / float(head["temperature"])
 
     def _harm_logits(self, prompts: Sequence, answers: Sequence[str]) -> np.ndarray:
         if len(answers) == 0:
             return np.zeros(0)
-        return self.answer_logits(self.features.encode(list(prompts), list(answers)).astype(np.float64))
+        return self.answer_logits(self.answer_features.encode(list(prompts), list(answers)).astype(np.float64))
 
     def harm_proba(self, prompts: Sequence, answers: Sequence[str]) -> np.ndarray:
         """P(the answer is harmful), calibrated on labelled single answers. (n,)"""
@@ -227,6 +253,10 @@ class HarmJudge(Evaluator):
             if "answer_coef" in data:
                 head = {"coef": data["answer_coef"].astype(np.float64), "intercept": float(data["answer_intercept"]),
                         "temperature": float(data["answer_temperature"]), "threshold": float(data["answer_threshold"])}
+                if "answer_mean" in data:
+                    head.update(mean=data["answer_mean"].astype(np.float64), std=data["answer_std"].astype(np.float64))
+                if "answer_pair_coef" in data:
+                    head["pair_coef"] = data["answer_pair_coef"].astype(np.float64)
             return cls(data["coef"], data["mean"], data["std"], float(data["temperature"]), head,
                        json.loads(str(data["meta"])), features, device)
 
@@ -240,6 +270,11 @@ class HarmJudge(Evaluator):
                 h = self.answer_head
                 head = {"answer_coef": np.asarray(h["coef"], dtype=np.float64), "answer_intercept": np.float64(h["intercept"]),
                         "answer_temperature": np.float64(h["temperature"]), "answer_threshold": np.float64(h["threshold"])}
+                if "mean" in h:
+                    head.update(answer_mean=np.asarray(h["mean"], dtype=np.float32),
+                                answer_std=np.asarray(h["std"], dtype=np.float32))
+                if "pair_coef" in h:
+                    head["answer_pair_coef"] = np.asarray(h["pair_coef"], dtype=np.float32)
             np.savez(tmp, coef=self.coef.astype(np.float32), mean=self.mean.astype(np.float32),
                      std=self.std.astype(np.float32), temperature=np.float64(self.temperature),
                      meta=np.asarray(json.dumps(self.meta)), **head)
@@ -285,19 +320,29 @@ def train_harm_judge(chosen_features: np.ndarray, rejected_features: np.ndarray,
 
 def fit_answer_head(judge: HarmJudge, x: np.ndarray, harmful: Sequence[bool], groups: Sequence[str],
                     val_x: np.ndarray, val_harmful: Sequence[bool], Cs: Sequence[float] = (0.001, 0.003, 0.01, 0.03, 0.1),
-                    folds: int = 5) -> dict:
-    """The single-answer head on [standardised features, u]: C by cross-validated log-loss grouped by
-    prompt, temperature on the validation answers, then the flag threshold on them that maximises
-    balanced accuracy (mean of the recalls of both classes)."""
+                    folds: int = 5, answer_backbone: Optional[dict] = None,
+                    pair_probe: Optional["HarmJudge"] = None) -> dict:
+    """The single-answer head: C by cross-validated log-loss grouped by prompt, temperature on the
+    validation answers, then the flag threshold on them that maximises balanced accuracy (mean of the
+    recalls of both classes). `x`, `val_x`: raw features of the pairwise probe's backbone (the head
+    reads [standardised features, u]) or, with `answer_backbone` (its spec: backbone, layers,
+    max_length, int8), of that backbone (the head reads them standardised with their own statistics,
+    and with `pair_probe`, a Bradley-Terry probe trained on that backbone's features of the human
+    pairs, standardised as that probe does plus its utility: a clear harmful answer is then also one
+    the human pairs rank low)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GroupKFold
 
-    def design(features):
-        z = (features - judge.mean) / judge.std
-        return np.c_[z, z @ judge.coef]
-
-    X, y = design(np.asarray(x, dtype=np.float64)), np.asarray(harmful, dtype=int)
-    vX, vy = design(np.asarray(val_x, dtype=np.float64)), np.asarray(val_harmful, dtype=int)
+    x, val_x = np.asarray(x, dtype=np.float64), np.asarray(val_x, dtype=np.float64)
+    if answer_backbone is not None:
+        judge.answer_head = ({"mean": pair_probe.mean, "std": pair_probe.std, "pair_coef": pair_probe.coef}
+                             if pair_probe is not None else {"mean": x.mean(0), "std": x.std(0) + 1e-6})
+        judge.meta["answer_backbone"] = dict(answer_backbone)
+    else:
+        judge.answer_head = None
+        judge.meta.pop("answer_backbone", None)
+    X, y = judge.answer_design(x), np.asarray(harmful, dtype=int)
+    vX, vy = judge.answer_design(val_x), np.asarray(val_harmful, dtype=int)
     if len(set(y.tolist())) < 2 or len(set(vy.tolist())) < 2:
         raise ValueError("the single-answer head needs harmful and harmless answers in train and val")
     losses = {}
@@ -319,7 +364,8 @@ def fit_answer_head(judge: HarmJudge, x: np.ndarray, harmful: Sequence[bool], gr
         flagged = p_val >= t
         return 0.5 * (np.mean(flagged[vy == 1]) + np.mean(~flagged[vy == 0]))
     threshold = float(max(candidates, key=balanced))
-    judge.answer_head = {"coef": coef, "intercept": intercept, "temperature": temperature, "threshold": threshold}
+    judge.answer_head = {**(judge.answer_head or {}), "coef": coef, "intercept": intercept,
+                         "temperature": temperature, "threshold": threshold}
     judge.meta.update(answer_C=best, answer_cv_logloss={str(c): round(v, 4) for c, v in losses.items()},
                       answer_val_balanced_accuracy=round(float(balanced(threshold)), 4),
                       answer_n_train=int(len(y)), answer_n_val=int(len(vy)))
