@@ -16,6 +16,17 @@ from src.safety.constitutional.reward_training import RewardTrainer
 from src.safety.constitutional.sft import SFTTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def torchrun_worker(worker: str, *args, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 tests/<worker> ARGS` on gloo, one thread each; with `check`, fails
+    the test with the workers' stderr if they fail."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CAI_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           str(ROOT / "tests" / worker), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0 or not check, proc.stderr[-3000:]
+    return proc
 import distributed_worker as worker  # noqa: E402
 import rl_ddp_worker  # noqa: E402
 import fsdp_worker  # noqa: E402
@@ -56,11 +67,7 @@ def test_shard_splits_deterministically_in_blocks(monkeypatch):
 
 @pytest.mark.slow
 def test_two_processes_stay_in_sync_and_match_one_process(tokenizer, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CAI_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           str(ROOT / "tests" / "distributed_worker.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun_worker("distributed_worker.py", tmp_path, timeout=240)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert (r0["rank"], r1["rank"], r0["world_size"]) == (0, 1, 2)
 
@@ -125,11 +132,7 @@ def test_ppo_and_grpo_on_ddp_stay_in_sync_match_one_process_and_resume(tokenizer
     from its step-2 checkpoint on both ranks ends where the uninterrupted one ended."""
     from src.safety.constitutional import rl_rollout
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CAI_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           str(ROOT / "tests" / "rl_ddp_worker.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun_worker("rl_ddp_worker.py", tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rl_rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["modes"] == r1["modes"] == ["ddp", "ddp", "ddp"]  # distributed: auto under torchrun
     for key in ("ppo_start", "ppo_policy", "ppo_value", "ppo_resumed_policy", "ppo_resumed_value",
@@ -219,11 +222,7 @@ def test_fsdp2_on_two_processes_checkpoints_sharded_and_resumes_on_one(tokenizer
     ends where the uninterrupted 2-process run ended."""
     from transformers import AutoModelForCausalLM
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CAI_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           str(ROOT / "tests" / "fsdp_worker.py"), str(tmp_path)]
-    proc = subprocess.run(cmd + ["fsdp"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun_worker("fsdp_worker.py", tmp_path, "fsdp")
     r0, r1 = (torch.load(tmp_path / f"fsdp_rank{r}.pt", weights_only=True) for r in (0, 1))
     assert torch.equal(r0["sft"], r1["sft"]) and torch.equal(r0["rm"], r1["rm"]) and torch.equal(r0["dpo"], r1["dpo"])
     assert r0["sft_plain"]  # after training the trainer holds a plain (unsharded) model again
@@ -252,8 +251,7 @@ def test_fsdp2_on_two_processes_checkpoints_sharded_and_resumes_on_one(tokenizer
     assert (tmp_path / "dpo" / "checkpoint-000002" / "policy.dcp").is_dir()
 
     # killed (SIGKILL on every rank) right after the checkpoint of step 2 ...
-    proc = subprocess.run(cmd + ["fsdp_kill"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
+    assert torchrun_worker("fsdp_worker.py", tmp_path, "fsdp_kill", check=False).returncode != 0
     killed = tmp_path / "sft_kill"
     assert sorted(p.name for p in killed.iterdir() if not p.name.startswith(".")) == \
         ["checkpoint-000001", "checkpoint-000002"]

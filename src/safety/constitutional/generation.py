@@ -128,28 +128,26 @@ def encode_prompts(tokenizer, prompts: Sequence[Prompt], config: GenerationConfi
     return encoded, texts
 
 
-def left_pad(encoded: Sequence[List[int]], pad_token_id: int, device=None):
-    """(ids, mask), each (batch, longest), padded on the left so every row ends at the last column."""
+def _pad(encoded: Sequence[List[int]], pad_token_id: int, device, left: bool):
     width = max(len(ids) for ids in encoded)
     input_ids = torch.full((len(encoded), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(encoded), width), dtype=torch.long)
     for i, ids in enumerate(encoded):
         if ids:
-            input_ids[i, width - len(ids):] = torch.tensor(ids)
-            mask[i, width - len(ids):] = 1
+            cols = slice(width - len(ids), width) if left else slice(0, len(ids))
+            input_ids[i, cols] = torch.tensor(ids)
+            mask[i, cols] = 1
     return input_ids.to(device), mask.to(device)
+
+
+def left_pad(encoded: Sequence[List[int]], pad_token_id: int, device=None):
+    """(ids, mask), each (batch, longest), padded on the left so every row ends at the last column."""
+    return _pad(encoded, pad_token_id, device, left=True)
 
 
 def right_pad(encoded: Sequence[List[int]], pad_token_id: int, device=None):
     """(ids, mask), each (batch, longest), padded on the right so every row starts at column 0."""
-    width = max(len(ids) for ids in encoded)
-    input_ids = torch.full((len(encoded), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for i, ids in enumerate(encoded):
-        if ids:
-            input_ids[i, :len(ids)] = torch.tensor(ids)
-            mask[i, :len(ids)] = 1
-    return input_ids.to(device), mask.to(device)
+    return _pad(encoded, pad_token_id, device, left=False)
 
 
 def encode_answers(tokenizer, answers: Sequence[str], max_tokens: Optional[int] = None, device=None):

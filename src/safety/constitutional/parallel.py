@@ -228,20 +228,28 @@ def _copy_buffers(source: nn.Module, target: nn.Module) -> None:
 
 # -- checkpoints --------------------------------------------------------------------------------
 
+def _dcp_state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> dict:
+    """{"model": ..., "optimizer": ...} keyed by parameter names, in the model's current layout."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optim_state}
+
+
+def _dcp(action, state: dict, folder) -> None:
+    with warnings.catch_warnings():  # one process: DCP warns that it assumes one process, which is meant
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        action(state, checkpoint_id=str(folder), no_dist=not ddp.is_initialized())
+
+
 def save_sharded(folder, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> Path:
     """Model (and optimiser) state with DCP into `folder`; every rank calls it and writes its shards.
     Keys are parameter names, so the checkpoint loads into any world size (`load_sharded`)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
-    if optimizer is not None:
-        model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optimizer": optim_state}
-    else:
-        state = {"model": get_model_state_dict(model)}
-    with warnings.catch_warnings():  # one process: DCP warns that it assumes one process, which is meant
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(state, checkpoint_id=str(folder), no_dist=not ddp.is_initialized())
+    _dcp(dcp.save, _dcp_state(model, optimizer), folder)
     return Path(folder)
 
 
@@ -249,17 +257,10 @@ def load_sharded(folder, model: nn.Module, optimizer: Optional[torch.optim.Optim
     """Read a `save_sharded` checkpoint into `model` (and `optimizer`) in place, whatever the current
     layout: FSDP over any number of ranks, DDP, or one plain process (no process group needed)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
-                                                         set_state_dict)
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
-    if optimizer is not None:
-        model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optimizer": optim_state}
-    else:
-        state = {"model": get_model_state_dict(model)}
-    with warnings.catch_warnings():  # one process: DCP warns that it assumes one process, which is meant
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(folder), no_dist=not ddp.is_initialized())
+    state = _dcp_state(model, optimizer)
+    _dcp(dcp.load, state, folder)
     if optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     else:
