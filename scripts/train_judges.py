@@ -73,9 +73,12 @@ def fit_single_answer_head(judge, args, pairs):
     train, val = labelled_answers(args.labels, "train"), labelled_answers(args.labels, "val")
     spec = {"backbone": args.backbone, "layer": args.layer, "max_length": args.max_length}
     features = shared_backbone(args.backbone, args.layer, args.max_length)
-    prompts = [p.prompt for p in pairs]
-    probe = train_harm_judge(features.encode(prompts, [p.chosen for p in pairs]),
-                             features.encode(prompts, [p.rejected for p in pairs]))
+    if judge.features is features:  # the pairwise probe already reads these features: it is that probe
+        probe = judge
+    else:
+        prompts = [p.prompt for p in pairs]
+        probe = train_harm_judge(features.encode(prompts, [p.chosen for p in pairs]),
+                                 features.encode(prompts, [p.rejected for p in pairs]))
     print(f"single-answer head's pairwise probe (layer {args.layer}): cross-validated pairwise accuracy "
           f"{probe.meta['cv_pairwise_accuracy']}")
     x_train = features.encode([r["prompt"] for r in train], [r["completion"] for r in train])
