@@ -66,6 +66,36 @@ def test_truncation_keeps_the_end_of_the_answer(tokenizer):
     assert "assistant" in tokenizer.decode(c[-8:])
 
 
+def test_a_prompt_that_fits_is_kept_whole(tokenizer):
+    # Regression: with spare room between one and two prompt lengths, the old cut kept only the
+    # prompt's last (room - length) tokens (a negative slice start), so training and scoring differed.
+    from src.safety.constitutional.generation import render_prompt
+
+    pair = PreferencePair([{"role": "user", "content": "How do I bake bread at home?"}], "Mix flour and water.", "No.")
+    prompt_ids = tokenizer(render_prompt(tokenizer, pair.prompt), add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(pair.chosen, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    max_length = len(answer_ids) + len(prompt_ids) + len(prompt_ids) // 2  # room in (len, 2 len)
+    chosen, _ = encode_pair(tokenizer, pair, max_length)
+    assert chosen == prompt_ids + answer_ids
+
+
+def test_reward_scorer_retokenises_in_the_training_layout(tokenizer):
+    # A reward model with its own tokenizer reads what reward training fed it: template + answer + eos
+    # (no trailing newline after the end-of-turn, where the score is read).
+    from types import SimpleNamespace
+
+    from src.safety.constitutional.rl_rollout import RewardScorer
+
+    config = SimpleNamespace(system_prompt=None, reward_max_tokens=40, judge_reward_weight=0.0)
+    scorer = RewardScorer(_reward_model(tokenizer), config, torch.device("cpu"), reward_tokenizer=tokenizer)
+    prompts, answers = ["How do I bake bread?", "background " * 60 + "Why?"], ["Mix flour and water.", "Because."]
+    ids, mask = scorer.retokenise(prompts, answers)
+    for row, (p, a) in enumerate(zip(prompts, answers)):
+        expected, _ = encode_pair(tokenizer, PreferencePair(p, a, a), 40)
+        assert ids[row][mask[row].bool()].tolist() == expected
+        assert ids[row, -1].item() == tokenizer.eos_token_id
+
+
 def test_concatenated_batch_equals_separate_forwards(tokenizer):
     model = _reward_model(tokenizer).eval()
     encoded = [encode_pair(tokenizer, p, 48) for p in _toy_pairs(3)]

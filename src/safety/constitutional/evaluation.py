@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import pandas as pd
 import torch
 
-from .generation import GenerationConfig, generate, left_pad, render_prompt
+from .generation import GenerationConfig, encode_prompt_answers, generate, left_pad
 from .io import atomic_path, atomic_write_json, atomic_write_text
 
 KINDS = ("harmful", "benign")
@@ -143,12 +143,8 @@ def _records_json(frame: pd.DataFrame) -> List[dict]:
 def reward_scores(reward_model, tokenizer, prompts: Sequence, responses: Sequence[str], batch_size: int = 16,
                   max_length: int = 512) -> List[float]:
     """Reward at the last token of prompt (chat-templated) + answer + end-of-turn, as reward training encodes."""
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    encoded = []
-    for prompt, response in zip(prompts, responses):
-        ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-        ids = ids + tokenizer(response, add_special_tokens=False)["input_ids"] + eos
-        encoded.append(ids[-max_length:])
+    encoded = [encode_prompt_answers(tokenizer, prompt, [response], max_length)[0][0]
+               for prompt, response in zip(prompts, responses)]
     device = next(reward_model.parameters()).device
     was_training = reward_model.training
     reward_model.eval()

@@ -10,7 +10,7 @@ import logging
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -158,6 +158,27 @@ def encode_answers(tokenizer, answers: Sequence[str], max_tokens: Optional[int] 
     limit = None if max_tokens is None else max_tokens - len(eos)
     encoded = [tokenizer(text, add_special_tokens=False)["input_ids"][:limit] + eos for text in answers]
     return right_pad(encoded, tokenizer.pad_token_id, device)
+
+
+def encode_prompt_answers(tokenizer, prompt: Prompt, answers: Sequence[str], max_length: int,
+                          system_prompt: Optional[str] = None,
+                          max_answer_tokens: Optional[int] = None) -> Tuple[List[List[int]], int]:
+    """The one layout in which a scalar model reads an answer (reward models, reward training, the
+    reward scorer's re-tokenisation, the learned judges): the chat-templated prompt ready for the
+    assistant, then the answer's tokens, then end-of-turn, so the score is read at the end-of-turn.
+
+    Several answers to one prompt share one prompt cut. Answers keep their last tokens (an answer is
+    judged by where it ends up); `max_answer_tokens` first cuts each answer's end instead (for
+    judges that read an answer's opening). The prompt is cut from the left so that the longest
+    sequence fits `max_length`. Returns (ids per answer, number of prompt tokens kept).
+    """
+    prompt_ids = tokenizer(render_prompt(tokenizer, prompt, system_prompt), add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"][:max_answer_tokens] + eos for text in answers]
+    encoded = [a[-max_length:] for a in encoded]
+    room = max_length - max(len(a) for a in encoded)
+    prompt_ids = prompt_ids[max(0, len(prompt_ids) - room):] if room > 0 else []
+    return [prompt_ids + a for a in encoded], len(prompt_ids)
 
 
 def tokenize_prompts(tokenizer, prompts: Sequence[Prompt], config: GenerationConfig, device=None):

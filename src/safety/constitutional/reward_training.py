@@ -42,7 +42,7 @@ from src.models.precision import autocast
 from . import distributed as ddp
 from . import parallel
 from .checkpoint import latest_checkpoint
-from .generation import left_pad, render_prompt
+from .generation import encode_prompt_answers, left_pad
 from .hh_rlhf import PreferencePair
 from .io import atomic_dir, atomic_write_json
 from .guarded_step import clip_and_step, finite_on_all_ranks
@@ -112,18 +112,11 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, labels:
 # -- tokenisation --------------------------------------------------------------------------------
 
 def encode_pair(tokenizer, pair: PreferencePair, max_length: int) -> Tuple[List[int], List[int]]:
-    """Token ids of (prompt + chosen, prompt + rejected), each ending with end-of-turn.
-
-    Both answers keep their last tokens; the shared prompt is cut from the left so that the longer
-    sequence fits `max_length`, and answers longer than that lose their start.
-    """
-    prompt = tokenizer(render_prompt(tokenizer, pair.prompt), add_special_tokens=False)["input_ids"]
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    answers = [tokenizer(text, add_special_tokens=False)["input_ids"] + eos for text in (pair.chosen, pair.rejected)]
-    answers = [a[-max_length:] for a in answers]
-    room = max_length - max(len(a) for a in answers)
-    prompt = prompt[len(prompt) - room:] if room > 0 else []
-    return prompt + answers[0], prompt + answers[1]
+    """Token ids of (prompt + chosen, prompt + rejected), each ending with end-of-turn, in the one
+    reward-model layout (`generation.encode_prompt_answers`): the shared prompt is cut from the left
+    so that the longer sequence fits `max_length`, and answers longer than that lose their start."""
+    (chosen, rejected), _ = encode_prompt_answers(tokenizer, pair.prompt, [pair.chosen, pair.rejected], max_length)
+    return chosen, rejected
 
 
 def left_pad_states(states: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:

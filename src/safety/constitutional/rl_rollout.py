@@ -34,7 +34,8 @@ from src.models.lora import adapters_disabled
 from src.models.precision import autocast
 
 from . import distributed as ddp
-from .generation import GenerationConfig, GenerationOutput, encode_answers, generate, to_messages, tokenize_prompts
+from .generation import (GenerationConfig, GenerationOutput, encode_answers, encode_prompt_answers, generate, left_pad,
+                         tokenize_prompts)
 from .logprobs import selective_log_softmax, sequence_logprobs
 from .rl_primitives import RunningMeanStd, kl_penalty, masked_whiten, update_reference
 
@@ -137,21 +138,15 @@ class RewardScorer:
         return out.float()
 
     def retokenise(self, prompts, texts):
-        """The reward model's own chat format around the decoded answer (a different vocabulary)."""
+        """The decoded answers in the reward model's own chat format and vocabulary, laid out as reward
+        training lays them out (`encode_prompt_answers`: ends at end-of-turn; the prompt's start is
+        cut first when longer than reward_max_tokens)."""
         tok = self.reward_tokenizer
-        rendered = []
-        for prompt, answer in zip(prompts, texts):
-            messages = to_messages(prompt, self.config.system_prompt) + [{"role": "assistant", "content": answer}]
-            if getattr(tok, "chat_template", None):
-                rendered.append(tok.apply_chat_template(messages, tokenize=False))
-            else:
-                rendered.append("".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages))
-        tok.truncation_side = "left"  # keep the answer, lose the prompt's start if too long
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        enc = tok(rendered, return_tensors="pt", padding=True, truncation=True,
-                  max_length=self.config.reward_max_tokens, add_special_tokens=False)
-        return enc["input_ids"], enc["attention_mask"]
+        encoded = [encode_prompt_answers(tok, prompt, [answer], self.config.reward_max_tokens,
+                                         system_prompt=self.config.system_prompt)[0][0]
+                   for prompt, answer in zip(prompts, texts)]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return left_pad(encoded, pad)
 
     def judge_scores(self, prompt_texts, texts) -> Optional[torch.Tensor]:
         """judge_reward_weight * judge_reward(prompts, answers), (batch,) on the trainer's device; None when off."""

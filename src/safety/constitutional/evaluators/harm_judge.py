@@ -74,15 +74,13 @@ class BackboneFeatures:
         # classifier read the same answers one after the other: the second asks for cached features
 
     def encode_one(self, prompt, answer: str):
-        from ..generation import render_prompt
+        """(ids, prompt length): the answer's opening (at most max_length - 16 tokens) and end-of-turn,
+        after as much of the prompt as fits."""
+        from ..generation import encode_prompt_answers
 
-        tok = self.tokenizer
-        prompt_ids = tok(render_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
-        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-        answer_ids = tok(answer, add_special_tokens=False)["input_ids"][: self.max_length - 16] + eos
-        room = self.max_length - len(answer_ids)
-        prompt_ids = prompt_ids[max(0, len(prompt_ids) - room):]
-        return prompt_ids + answer_ids, len(prompt_ids)
+        (ids,), prompt_len = encode_prompt_answers(self.tokenizer, prompt, [answer], self.max_length,
+                                                   max_answer_tokens=self.max_length - 16)
+        return ids, prompt_len
 
     def encode(self, prompts: Sequence, answers: Sequence[str]) -> np.ndarray:
         """(n, hidden) float32, from the cache of recent encodings where it has them."""
