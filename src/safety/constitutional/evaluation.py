@@ -24,7 +24,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import pandas as pd
 import torch
 
-from .generation import GenerationConfig, encode_prompt_answers, generate, left_pad
+from .generation import GenerationConfig, generate
+from .reward_training import reward_scores
 from .io import atomic_path, atomic_write_json, atomic_write_text
 
 KINDS = ("harmful", "benign")
@@ -140,22 +141,6 @@ def _records_json(frame: pd.DataFrame) -> List[dict]:
 # -- scoring with a reward model ---------------------------------------------------------------
 
 @torch.inference_mode()
-def reward_scores(reward_model, tokenizer, prompts: Sequence, responses: Sequence[str], batch_size: int = 16,
-                  max_length: int = 512) -> List[float]:
-    """Reward at the last token of prompt (chat-templated) + answer + end-of-turn, as reward training encodes."""
-    encoded = [encode_prompt_answers(tokenizer, prompt, [response], max_length)[0][0]
-               for prompt, response in zip(prompts, responses)]
-    device = next(reward_model.parameters()).device
-    was_training = reward_model.training
-    reward_model.eval()
-    out = []
-    for start in range(0, len(encoded), batch_size):
-        ids, mask = left_pad(encoded[start:start + batch_size], tokenizer.pad_token_id)
-        out += reward_model(ids.to(device), mask.to(device)).float().cpu().tolist()
-    reward_model.train(was_training)
-    return out
-
-
 # -- the evaluation ----------------------------------------------------------------------------
 
 def default_eval_config() -> GenerationConfig:

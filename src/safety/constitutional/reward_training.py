@@ -250,6 +250,22 @@ def score_pairs(reward_model: RewardModel, tokenizer, pairs: Sequence[Preference
     return r_c, r_r
 
 
+def reward_scores(reward_model, tokenizer, prompts: Sequence, responses: Sequence[str], batch_size: int = 16,
+                  max_length: int = 512) -> List[float]:
+    """Reward at the last token of prompt (chat-templated) + answer + end-of-turn, as reward training encodes."""
+    encoded = [encode_prompt_answers(tokenizer, prompt, [response], max_length)[0][0]
+               for prompt, response in zip(prompts, responses)]
+    device = next(reward_model.parameters()).device
+    was_training = reward_model.training
+    reward_model.eval()
+    out = []
+    for start in range(0, len(encoded), batch_size):
+        ids, mask = left_pad(encoded[start:start + batch_size], tokenizer.pad_token_id)
+        out += reward_model(ids.to(device), mask.to(device)).float().cpu().tolist()
+    reward_model.train(was_training)
+    return out
+
+
 def pair_metrics(r_c: torch.Tensor, r_r: torch.Tensor, labels: Optional[torch.Tensor] = None,
                  margin: float = 0.0) -> Dict[str, float]:
     """Accuracy counts a pair right when the reward order matches the label's side of 0.5; ties count half."""
