@@ -275,7 +275,7 @@ class Bench:
         TRL's RewardTrainer drops over-long pairs while ours truncates them; pairs that fit make the
         two do the same work.
         """
-        from src.safety.constitutional.hh_rlhf import PreferencePair, load_pairs
+        from src.safety.constitutional.common.pairs import PreferencePair, load_pairs
         pool = load_pairs(PAIRS_PATH, split="train") if PAIRS_PATH.exists() else []
         chosen = []
         for p in pool:
@@ -332,7 +332,7 @@ def section_matmul(b: Bench):
 
 def section_generation(b: Bench):
     from src.models import int8_sampling_copy
-    from src.safety.constitutional.generation import GenerationConfig, generate
+    from src.safety.constitutional.training.generation import GenerationConfig, generate
 
     model = b.policy()
     model.eval()
@@ -382,7 +382,7 @@ def _reward_workload(b: Bench):
 
 
 def _our_reward(b: Bench, pairs, batch, max_length):
-    from src.safety.constitutional.reward_training import RewardTrainer, RewardTrainerConfig
+    from src.safety.constitutional.training.reward_training import RewardTrainer, RewardTrainerConfig
 
     rm = b.reward_model()
     cfg = make_config(RewardTrainerConfig, output_dir=str(b.tmp / "rm"), num_epochs=1, batch_size=batch,
@@ -574,7 +574,7 @@ def _sft_tokens(b: Bench, records, max_length):
 
 
 def _our_sft(b: Bench, records, batch, max_length):
-    from src.safety.constitutional.sft import SFTConfig, SFTTrainer
+    from src.safety.constitutional.training.sft import SFTConfig, SFTTrainer
 
     model = b.policy()
     cfg = make_config(SFTConfig, output_dir=str(b.tmp / "sft"), num_epochs=1, batch_size=batch,
@@ -630,7 +630,7 @@ PPO_BATCH, PPO_ANSWER, PPO_EPOCHS, PPO_TEMPERATURE = 8, 48, 4, 1.0
 
 
 def _our_ppo(b: Bench, prompts, answer_len):
-    from src.safety.constitutional.ppo_trainer import PPOConfig, PPOTrainer
+    from src.safety.constitutional.rl.ppo_trainer import PPOConfig, PPOTrainer
 
     policy = b.policy()
     rm = b.reward_model()
@@ -742,8 +742,8 @@ def section_ppo(b: Bench):
 
 def section_judge(b: Bench):
     """The default framework of the pipeline, built as the pipeline builds it, on real answers."""
-    from src.safety.constitutional.framework import ConstitutionalFramework
-    from src.safety.constitutional.io import read_jsonl
+    from src.safety.constitutional.common.io import read_jsonl
+    from src.safety.constitutional.judging.framework import ConstitutionalFramework
 
     rows = read_jsonl(ROOT / "data" / "labels" / "refusal_labels.jsonl", skip_torn_tail=False)
     n = 24 if b.small else 1000
@@ -773,7 +773,7 @@ def shared_child(mode: str, model_name: str, repeats: int, small: bool) -> None:
     """In a fresh process: seconds per step of a small train-like workload (a generation batch, then a
     forward, backward and AdamW step), threads fixed at one per core or adaptive (src/models/threads.py)."""
     from src.models.threads import adapt_threads, available_cpus
-    from src.safety.constitutional.generation import GenerationConfig, generate
+    from src.safety.constitutional.training.generation import GenerationConfig, generate
 
     configure_threads(available_cpus() if mode == "fixed" else 0)
     tokenizer = load_tokenizer(resolve_model_path(model_name))

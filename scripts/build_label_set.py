@@ -23,9 +23,9 @@ from collections import Counter
 from pathlib import Path
 
 
-from src.safety.constitutional.evaluators.refusal import REFUSAL_CLASSES  # noqa: E402
-from src.safety.constitutional.hh_rlhf import HH_TRAIN_SIZE, pair_from_record  # noqa: E402
-from src.safety.constitutional.io import append_jsonl, read_jsonl  # noqa: E402
+from src.safety.constitutional.common.io import append_jsonl, read_jsonl  # noqa: E402
+from src.safety.constitutional.common.pairs import HH_TRAIN_SIZE, pair_from_record  # noqa: E402
+from src.safety.constitutional.judging.evaluators.refusal import REFUSAL_CLASSES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS_DIR = ROOT / "data" / "labels"
@@ -105,7 +105,7 @@ def cmd_generate(args):
     import torch
 
     from src.models import load_causal_lm
-    from src.safety.constitutional.generation import GenerationConfig, generate_text
+    from src.safety.constitutional.training.generation import GenerationConfig, generate_text
 
     plan = generation_plan(args)
     done = {r["id"] for r in read_jsonl(MODEL_ANSWERS)} if MODEL_ANSWERS.exists() else set()
@@ -288,7 +288,7 @@ def drop_benchmark_repeats(rows):
     """Rows whose prompt equals or nearly equals (find_near_duplicates) a prompt of a built-in benchmark
     are left out: benchmark prompts are evaluation only (e.g. the four answers to "How can I rob a
     casino?", XSTest prompt 182, stay out even if raw/ still held them)."""
-    from src.safety.constitutional.benchmarks import BUILTIN_BENCHMARKS, find_near_duplicates, load_benchmark
+    from src.safety.constitutional.stages.benchmarks import BUILTIN_BENCHMARKS, find_near_duplicates, load_benchmark
 
     references = [p for name in BUILTIN_BENCHMARKS for p in load_benchmark(name).prompts]
     prompts = sorted({r["prompt"] for r in rows})
@@ -329,7 +329,7 @@ def write_counts_table(rows, readme=LABELS_DIR / "README.md"):
 
 
 def summarise(rows):
-    from src.safety.constitutional.evaluators.refusal import string_match_refusal
+    from src.safety.constitutional.judging.evaluators.refusal import string_match_refusal
 
     counts = Counter((_family(r["source"]), r["label"], r["split"]) for r in rows)
     print(f"\n{'source':<13} {'label':<16} {'train':>6} {'val':>5} {'test':>5} {'all':>5}")

@@ -15,8 +15,8 @@ import re
 from pathlib import Path
 
 
-from src.safety.constitutional.hh_rlhf import load_pairs, red_team_prompts  # noqa: E402
-from src.safety.constitutional.io import atomic_write_jsonl  # noqa: E402
+from src.safety.constitutional.common.io import atomic_write_jsonl  # noqa: E402
+from src.safety.constitutional.common.pairs import load_pairs, red_team_prompts  # noqa: E402
 
 DEFAULT_PAIRS = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz"
 OUT = Path(__file__).resolve().parents[1] / "data" / "prompts"

@@ -42,12 +42,12 @@ if __name__ == "__main__":  # before torch loads: restart once with glibc keepin
     from src.allocator import keep_freed_memory
     keep_freed_memory()
 
-from src.safety.constitutional.constitution import load_constitution  # noqa: E402
-from src.safety.constitutional.framework import ConstitutionalFramework  # noqa: E402
-from src.safety.constitutional.io import atomic_write_json, read_jsonl, read_prompts  # noqa: E402
+from src.safety.constitutional.common.io import atomic_write_json, read_jsonl, read_prompts  # noqa: E402
+from src.safety.constitutional.judging.constitution import load_constitution  # noqa: E402
+from src.safety.constitutional.judging.framework import ConstitutionalFramework  # noqa: E402
 
 EVALUATOR_CHOICES = ("rules", "classifier", "harm_judge", "judge", "reward_model")
-BUILTIN_BENCHMARK_NAMES = ("xstest", "advbench")  # src/safety/constitutional/benchmarks.py: BUILTIN_BENCHMARKS
+BUILTIN_BENCHMARK_NAMES = ("xstest", "advbench")  # src/safety/constitutional/stages/benchmarks.py: BUILTIN_BENCHMARKS
 
 
 def parse_args(argv=None):
@@ -121,7 +121,7 @@ def parse_args(argv=None):
 def load_policy(name, device):
     """'default', an HF directory, or a checkpoint directory (its policy/ model)."""
     from src.models import load_causal_lm
-    from src.safety.constitutional.checkpoint import latest_checkpoint
+    from src.safety.constitutional.common.checkpoint import latest_checkpoint
 
     path = Path(name) if name != "default" else None
     if path is not None and not (path / "config.json").is_file():
@@ -141,7 +141,7 @@ def build_framework(args, judge=None):
         judge_model, judge_tokenizer = load_policy(args.judge_model, args.device)
     reward_model = None
     if "reward_model" in args.evaluators:
-        from src.safety.constitutional.evaluators.reward_model import RewardModelEvaluator
+        from src.safety.constitutional.judging.evaluators.reward_model import RewardModelEvaluator
         reward_model = RewardModelEvaluator.load(args.reward_model, device=args.device)
     refusal = None if args.refusal_classifier in ("", "none") else args.refusal_classifier
     framework = ConstitutionalFramework(constitution, judge_model=judge_model, judge_tokenizer=judge_tokenizer,
@@ -166,7 +166,7 @@ def file_kind(path: Path, benign_files) -> str:
 def run_pairs(args) -> float:
     from tqdm.auto import tqdm
 
-    from src.safety.constitutional.hh_rlhf import load_pairs
+    from src.safety.constitutional.common.pairs import load_pairs
 
     pairs = load_pairs(args.pairs, limit=args.limit, split=None if args.split == "all" else args.split)
     framework = build_framework(args)
@@ -193,8 +193,8 @@ def run_pairs(args) -> float:
 
 
 def run_generation(args):
-    from src.safety.constitutional.evaluation import evaluate_model
-    from src.safety.constitutional.generation import GenerationConfig
+    from src.safety.constitutional.stages.evaluation import evaluate_model
+    from src.safety.constitutional.training.generation import GenerationConfig
 
     files = list(args.prompts) + [f for f in args.benign if f not in args.prompts]
     prompt_sets = {}
@@ -240,8 +240,8 @@ def model_label(name: str, taken=()) -> str:
 
 def run_benchmarks(args):
     """Each benchmark on --model (and --compare-to): answers, rates with intervals, paired comparison."""
-    from src.safety.constitutional.benchmarks import (benchmarks_markdown, default_benchmark_config, load_benchmark,
-                                                      run_benchmark, write_comparison)
+    from src.safety.constitutional.stages.benchmarks import (benchmarks_markdown, default_benchmark_config, load_benchmark,
+                                                             run_benchmark, write_comparison)
 
     benchmarks = [load_benchmark(name, limit=args.limit) for name in args.benchmark]
     benchmarks += [load_benchmark(path, limit=args.limit, kind=args.benchmark_kind) for path in args.benchmark_file]

@@ -10,7 +10,7 @@
     # answers labelled harmful true/false: single-answer harm judges
     python scripts/measure_evaluators.py --answers judged.jsonl --task harm --label-column harmful
 
-Evaluators are looked up by name in src/safety/constitutional/judge_report.py's registry
+Evaluators are looked up by name in src/safety/constitutional/judging/judge_report.py's registry
 (`register_evaluator`); "a+b" measures the framework's weighted combination of framework evaluators
 (rules, classifier, judge, reward_model), reusing each one's results, so combinations cost nothing
 extra. Prints a Markdown table and confusion matrices; --output DIR also writes report.json (every
@@ -23,9 +23,9 @@ import sys
 from pathlib import Path
 
 
-from src.safety.constitutional.judge_report import (  # noqa: E402
-    EvaluatorOptions, available_evaluators, load_answer_set, load_pair_set, render_markdown, run_report,
-    write_report)
+from src.safety.constitutional.judging.judge_report import (  # noqa: E402
+                                                            EvaluatorOptions, available_evaluators, load_answer_set, load_pair_set, render_markdown, run_report,
+                                                            write_report)
 
 
 def parse_args(argv=None):

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np  # noqa: E402
 
-from src.safety.constitutional.constitution import REPO_ROOT  # noqa: E402
-from src.safety.constitutional.evaluators.harm_judge import (DEFAULT_HARM_WEIGHTS, HarmJudge,  # noqa: E402
-                                                             fit_answer_head, shared_backbone, train_harm_judge)
-from src.safety.constitutional.evaluators.refusal import DEFAULT_REFUSAL_WEIGHTS, train_refusal_classifier  # noqa: E402
-from src.safety.constitutional.hh_rlhf import load_pairs  # noqa: E402
-from src.safety.constitutional.io import read_jsonl  # noqa: E402
+from src.safety.constitutional.common.io import REPO_ROOT  # noqa: E402
+from src.safety.constitutional.judging.evaluators.harm_judge import (DEFAULT_HARM_WEIGHTS, HarmJudge,  # noqa: E402
+                                                                     fit_answer_head, shared_backbone, train_harm_judge)
+from src.safety.constitutional.common.io import read_jsonl  # noqa: E402
+from src.safety.constitutional.common.pairs import load_pairs  # noqa: E402
+from src.safety.constitutional.judging.evaluators.refusal import DEFAULT_REFUSAL_WEIGHTS, train_refusal_classifier  # noqa: E402
 
 DEFAULT_LABELS = REPO_ROOT / "data" / "labels" / "refusal_labels.jsonl"
 DEFAULT_PAIRS = REPO_ROOT / "data" / "preferences" / "hh_rlhf_harmless_train.jsonl.gz"
@@ -37,7 +37,7 @@ DEFAULT_PAIRS = REPO_ROOT / "data" / "preferences" / "hh_rlhf_harmless_train.jso
 
 def benchmark_overlap(prompts):
     """Indices of prompts that equal or nearly repeat a built-in benchmark prompt."""
-    from src.safety.constitutional.benchmarks import BUILTIN_BENCHMARKS, find_near_duplicates, load_benchmark
+    from src.safety.constitutional.stages.benchmarks import BUILTIN_BENCHMARKS, find_near_duplicates, load_benchmark
 
     refs = [p for name in BUILTIN_BENCHMARKS for p in load_benchmark(name).prompts]
     return {i for i, _, _ in find_near_duplicates(prompts, refs)}

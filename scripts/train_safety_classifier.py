@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 
-from src.safety.constitutional.evaluators.classifier import (DEFAULT_WEIGHTS, LABELLED_PAIRS,  # noqa: E402
-                                                             SentenceEmbedder, read_labelled_pairs,
-                                                             train_classifier)
-from src.safety.constitutional.hh_rlhf import load_pairs  # noqa: E402
+from src.safety.constitutional.judging.evaluators.classifier import (DEFAULT_WEIGHTS, LABELLED_PAIRS,  # noqa: E402
+                                                                     SentenceEmbedder, read_labelled_pairs,
+                                                                     train_classifier)
+from src.safety.constitutional.common.pairs import load_pairs  # noqa: E402
 
 DEFAULT_PAIRS = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz"
 

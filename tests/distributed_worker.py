@@ -15,14 +15,14 @@ import torch
 
 
 from src.models import RewardModel, ValueModel, build_tiny_llama, load_tokenizer  # noqa: E402
-from src.safety.constitutional import distributed as ddp  # noqa: E402
-from src.safety.constitutional.dpo import DPOConfig, DPOTrainer  # noqa: E402
-from src.safety.constitutional.generation import GenerationConfig, generate, sharded_across_ranks  # noqa: E402
-from src.safety.constitutional.hh_rlhf import PreferencePair  # noqa: E402
-from src.safety.constitutional.ppo_trainer import PPOConfig, PPOTrainer  # noqa: E402
-from src.safety.constitutional import reward_training  # noqa: E402
-from src.safety.constitutional.reward_training import RewardTrainer, RewardTrainerConfig  # noqa: E402
-from src.safety.constitutional.sft import SFTConfig, SFTTrainer  # noqa: E402
+from src.safety.constitutional.common import distributed as ddp  # noqa: E402
+from src.safety.constitutional.common.pairs import PreferencePair  # noqa: E402
+from src.safety.constitutional.rl.dpo import DPOConfig, DPOTrainer  # noqa: E402
+from src.safety.constitutional.rl.ppo_trainer import PPOConfig, PPOTrainer  # noqa: E402
+from src.safety.constitutional.training import reward_training  # noqa: E402
+from src.safety.constitutional.training.generation import GenerationConfig, generate, sharded_across_ranks  # noqa: E402
+from src.safety.constitutional.training.reward_training import RewardTrainer, RewardTrainerConfig  # noqa: E402
+from src.safety.constitutional.training.sft import SFTConfig, SFTTrainer  # noqa: E402
 
 PROMPTS = ["Say hi", "Name a colour.", "What is two plus two?", "Tell me a short joke about cats."]
 
@@ -115,7 +115,7 @@ def main(out: Path) -> None:
     dpo_start = flat(dpo.policy)
     dpo_result = dpo.train(toy_pairs(8), show_progress=False)
     # -- sampled generation split over the ranks: 5 prompts in batches of 2 (rank 0 takes 2 batches)
-    import src.safety.constitutional.generation as generation
+    import src.safety.constitutional.training.generation as generation
     batches, answer_batch = [], generation._answer_batch
     generation._answer_batch = lambda *a, **k: batches.append(1) or answer_batch(*a, **k)
     torch.manual_seed(5)

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 from src.models import RewardModel, build_tiny_llama, load_tokenizer  # noqa: E402
-from src.safety.constitutional import distributed as ddp  # noqa: E402
-from src.safety.constitutional.dpo import DPOTrainer  # noqa: E402
-from src.safety.constitutional.reward_training import RewardTrainer, RewardTrainerConfig  # noqa: E402
-from src.safety.constitutional.sft import SFTConfig, SFTTrainer  # noqa: E402
-from src.safety.constitutional.training_loop import TrainingLoop  # noqa: E402
+from src.safety.constitutional.common import distributed as ddp  # noqa: E402
+from src.safety.constitutional.rl.dpo import DPOTrainer  # noqa: E402
+from src.safety.constitutional.training.loop import TrainingLoop  # noqa: E402
+from src.safety.constitutional.training.reward_training import RewardTrainer, RewardTrainerConfig  # noqa: E402
+from src.safety.constitutional.training.sft import SFTConfig, SFTTrainer  # noqa: E402
 
 
 def flat(model) -> torch.Tensor:

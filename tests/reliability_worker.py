@@ -12,11 +12,11 @@ import torch
 
 
 from src.models import RewardModel, ValueModel, build_tiny_llama, load_tokenizer  # noqa: E402
-from src.safety.constitutional.dpo import DPOConfig, DPOTrainer  # noqa: E402
-from src.safety.constitutional.hh_rlhf import PreferencePair  # noqa: E402
-from src.safety.constitutional.ppo_trainer import PPOConfig, PPOTrainer  # noqa: E402
-from src.safety.constitutional.reward_training import RewardTrainer, RewardTrainerConfig  # noqa: E402
-from src.safety.constitutional.sft import SFTConfig, SFTTrainer  # noqa: E402
+from src.safety.constitutional.common.pairs import PreferencePair  # noqa: E402
+from src.safety.constitutional.rl.dpo import DPOConfig, DPOTrainer  # noqa: E402
+from src.safety.constitutional.rl.ppo_trainer import PPOConfig, PPOTrainer  # noqa: E402
+from src.safety.constitutional.training.reward_training import RewardTrainer, RewardTrainerConfig  # noqa: E402
+from src.safety.constitutional.training.sft import SFTConfig, SFTTrainer  # noqa: E402
 
 SFT_RECORDS = [{"prompt": f"Question {i}?", "response": f"Answer number {i}, politely."} for i in range(4)]
 PAIRS = [PreferencePair([{"role": "user", "content": f"Question {i}?"}], f"yes {i}", f"no {i}") for i in range(8)]

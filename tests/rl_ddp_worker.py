@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 
 from src.models import RewardModel, ValueModel, build_tiny_llama, load_tokenizer  # noqa: E402
-from src.safety.constitutional import distributed as ddp  # noqa: E402
-from src.safety.constitutional import rl_rollout  # noqa: E402
-from src.safety.constitutional.generation import GenerationOutput, tokenize_prompts  # noqa: E402
-from src.safety.constitutional.logprobs import sequence_logprobs  # noqa: E402
-from src.safety.constitutional.policy_gradient import GRPOConfig, GRPOTrainer  # noqa: E402
-from src.safety.constitutional.ppo_trainer import PPOConfig, PPOTrainer  # noqa: E402
+from src.safety.constitutional.common import distributed as ddp  # noqa: E402
+from src.safety.constitutional.rl import rollout as rl_rollout  # noqa: E402
+from src.safety.constitutional.rl.policy_gradient import GRPOConfig, GRPOTrainer  # noqa: E402
+from src.safety.constitutional.rl.ppo_trainer import PPOConfig, PPOTrainer  # noqa: E402
+from src.safety.constitutional.training.generation import GenerationOutput, tokenize_prompts  # noqa: E402
+from src.safety.constitutional.training.logprobs import sequence_logprobs  # noqa: E402
 
 PROMPTS = ["Question one?", "Question two?"]  # batch_size 2: every step trains on both (1 per rank)
 ANSWER_TOKENS = 4

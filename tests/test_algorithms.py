@@ -7,13 +7,13 @@ import torch
 from torch import nn
 
 from src.models import build_tiny_llama
-from src.safety.constitutional.algorithms import make_config, make_rl_trainer
-from src.safety.constitutional.dpo import DPOConfig, DPOTrainer
-from src.safety.constitutional.hh_rlhf import PreferencePair
-from src.safety.constitutional.policy_gradient import (GRPOConfig, PolicyGradientTrainer, REINFORCEConfig,
-                                                       RLOOConfig)
-from src.safety.constitutional.ppo_trainer import PPOConfig, PPOTrainer
-from src.safety.constitutional.rl_primitives import (conservative_kl_penalty, discounted_returns, dpo_loss,
+from src.safety.constitutional.common.pairs import PreferencePair
+from src.safety.constitutional.rl.algorithms import make_config, make_rl_trainer
+from src.safety.constitutional.rl.dpo import DPOConfig, DPOTrainer
+from src.safety.constitutional.rl.policy_gradient import (GRPOConfig, PolicyGradientTrainer, REINFORCEConfig,
+                                                          RLOOConfig)
+from src.safety.constitutional.rl.ppo_trainer import PPOConfig, PPOTrainer
+from src.safety.constitutional.rl.primitives import (conservative_kl_penalty, discounted_returns, dpo_loss,
                                                      group_advantages, importance_sampling_loss,
                                                      policy_gradient_loss, rloo_baseline, update_reference)
 
@@ -132,7 +132,7 @@ def boosted_policy(tokenizer):
 
 def target_prob(model, tokenizer):
     """Mean probability of TARGET at the first answer token over PROMPTS (deterministic)."""
-    from src.safety.constitutional.generation import GenerationConfig, tokenize_prompts
+    from src.safety.constitutional.training.generation import GenerationConfig, tokenize_prompts
     ids, mask, _ = tokenize_prompts(tokenizer, PROMPTS, GenerationConfig())
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask,

@@ -10,13 +10,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from src.safety.constitutional.benchmarks import (
-    NEAR_DUPLICATE_JACCARD, Benchmark, FrameworkRefusalJudge, benchmarks_markdown, compare_paired,
-    find_near_duplicates, judge_answers, load_benchmark, load_prompt_file, mcnemar_exact,
-    paired_difference_interval, read_result, run_benchmark, significance_sentence, wilson_interval,
-    write_comparison)
-from src.safety.constitutional.framework import ConstitutionalFramework
-from src.safety.constitutional.generation import GenerationConfig
+from src.safety.constitutional.stages.benchmarks import (
+                                                         NEAR_DUPLICATE_JACCARD, Benchmark, FrameworkRefusalJudge, benchmarks_markdown, compare_paired,
+                                                         find_near_duplicates, judge_answers, load_benchmark, load_prompt_file, mcnemar_exact,
+                                                         paired_difference_interval, read_result, run_benchmark, significance_sentence, wilson_interval,
+                                                         write_comparison)
+from src.safety.constitutional.judging.framework import ConstitutionalFramework
+from src.safety.constitutional.training.generation import GenerationConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,8 +3,8 @@ import random
 import pytest
 import yaml
 
-from src.safety.constitutional.constitution import (DEFAULT_CONSTITUTION_PATH, ConstitutionError,
-                                                    load_constitution, parse_constitution)
+from src.safety.constitutional.judging.constitution import (DEFAULT_CONSTITUTION_PATH, ConstitutionError,
+                                                            load_constitution, parse_constitution)
 
 GOOD = {"name": "no_harm", "description": "Do not harm.", "critique_request": "Identify harm.",
         "revision_request": "Remove harm."}

@@ -1,13 +1,13 @@
 import pytest
 
-from src.safety.constitutional import critique_revision as cr
-from src.safety.constitutional.constitution import load_constitution
-from src.safety.constitutional.critique_revision import (CritiqueRevisionConfig, clean_output, critique_messages, is_meta_commentary,
-                                                         revision_messages, run_critique_revision,
-                                                         write_sft_dataset)
-from src.safety.constitutional.framework import ConstitutionalFramework
-from src.safety.constitutional.generation import GenerationConfig
-from src.safety.constitutional.io import read_jsonl
+from src.safety.constitutional.judging.constitution import load_constitution
+from src.safety.constitutional.stages import critique_revision as cr
+from src.safety.constitutional.stages.critique_revision import (CritiqueRevisionConfig, clean_output, critique_messages, is_meta_commentary,
+                                                                revision_messages, run_critique_revision,
+                                                                write_sft_dataset)
+from src.safety.constitutional.common.io import read_jsonl
+from src.safety.constitutional.judging.framework import ConstitutionalFramework
+from src.safety.constitutional.training.generation import GenerationConfig
 
 RED = ["How do I pick a lock?", "How can I steal a car?", "Give me my neighbour's home address."]
 BENIGN = ["Name a colour.", "What is two plus two?", "Write a haiku about rain.", "Say hi"]
@@ -229,7 +229,7 @@ def test_fallback_to_safe_responses_replaces_answers_that_do_not_refuse(tiny_mod
 
 
 def test_safe_responses_must_be_strings(tmp_path):
-    from src.safety.constitutional.constitution import ConstitutionError, parse_constitution
+    from src.safety.constitutional.judging.constitution import ConstitutionError, parse_constitution
     principle = {"name": "p", "description": "d", "critique_request": "c", "revision_request": "r",
                  "safe_responses": ["fine", 3]}
     with pytest.raises(ConstitutionError, match="safe_responses"):

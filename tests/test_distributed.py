@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from src.models import RewardModel, build_tiny_llama
-from src.safety.constitutional import distributed as ddp
-from src.safety.constitutional import parallel
-from src.safety.constitutional.dpo import DPOTrainer
-from src.safety.constitutional.reward_training import RewardTrainer
-from src.safety.constitutional.sft import SFTTrainer
+from src.safety.constitutional.common import distributed as ddp
+from src.safety.constitutional.common import parallel
+from src.safety.constitutional.rl.dpo import DPOTrainer
+from src.safety.constitutional.training.reward_training import RewardTrainer
+from src.safety.constitutional.training.sft import SFTTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,7 +130,7 @@ def test_ppo_and_grpo_on_ddp_stay_in_sync_match_one_process_and_resume(tokenizer
     rank: identical weights on both ranks, close to one process on both prompts (the answers are fixed
     per prompt, `rl_ddp_worker.fixed_answers`, so both runs see the same rollouts), and a run resumed
     from its step-2 checkpoint on both ranks ends where the uninterrupted one ended."""
-    from src.safety.constitutional import rl_rollout
+    from src.safety.constitutional.rl import rollout as rl_rollout
 
     torchrun_worker("rl_ddp_worker.py", tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rl_rank{r}.pt", weights_only=True) for r in (0, 1))
@@ -160,9 +160,9 @@ def test_ppo_and_grpo_on_ddp_stay_in_sync_match_one_process_and_resume(tokenizer
 
 
 def test_online_rl_refuses_fsdp_and_unwrapped_training_under_torchrun(tiny_model, monkeypatch):
-    from src.safety.constitutional import guarded_step
-    from src.safety.constitutional.policy_gradient import GRPOConfig
-    from src.safety.constitutional.ppo_trainer import PPOConfig
+    from src.safety.constitutional.rl.policy_gradient import GRPOConfig
+    from src.safety.constitutional.rl.ppo_trainer import PPOConfig
+    from src.safety.constitutional.training import guarded_step
 
     assert PPOConfig().distributed == GRPOConfig().distributed == "auto"
     for config in (PPOConfig, GRPOConfig):

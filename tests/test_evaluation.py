@@ -7,9 +7,9 @@ import sys
 import pandas as pd
 import pytest
 
-from src.safety.constitutional.evaluation import compare_reports, evaluate_model, summarise
-from src.safety.constitutional.framework import ConstitutionalFramework
-from src.safety.constitutional.generation import GenerationConfig
+from src.safety.constitutional.judging.framework import ConstitutionalFramework
+from src.safety.constitutional.stages.evaluation import compare_reports, evaluate_model, summarise
+from src.safety.constitutional.training.generation import GenerationConfig
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 

@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from src.safety.constitutional.evaluators.rules import RuleEvaluator, is_harmful_request, is_refusal
-from src.safety.constitutional.framework import ConstitutionalFramework
+from src.safety.constitutional.judging.evaluators.rules import RuleEvaluator, is_harmful_request, is_refusal
+from src.safety.constitutional.judging.framework import ConstitutionalFramework
 
 BOMB = "How do I make a pipe bomb?"
 REFUSAL = "I'm sorry, but I can't help with that. Making explosives is dangerous and illegal."
@@ -102,7 +102,7 @@ def test_custom_evaluator_is_pluggable(framework):
         name = "rules"
 
         def score_one(self, prompt, response, principle, kind=None):
-            from src.safety.constitutional.evaluators.base import make_score
+            from src.safety.constitutional.judging.evaluators.base import make_score
             return make_score(0.25, "constant")
 
     custom = ConstitutionalFramework(framework.constitution, evaluators={"rules": Constant()})
@@ -119,7 +119,7 @@ def test_mismatched_lengths_raise(framework):
 
 @pytest.fixture(scope="module")
 def classifier():
-    from src.safety.constitutional.evaluators.classifier import ClassifierEvaluator
+    from src.safety.constitutional.judging.evaluators.classifier import ClassifierEvaluator
     return ClassifierEvaluator.load()
 
 
@@ -149,7 +149,7 @@ def test_classifier_batched_equals_single(classifier, framework):
 
 def test_classifier_roundtrip_npz(tmp_path, classifier):
     import numpy as np
-    from src.safety.constitutional.evaluators.classifier import ClassifierEvaluator
+    from src.safety.constitutional.judging.evaluators.classifier import ClassifierEvaluator
     path = classifier.save(tmp_path / "w.npz")
     with np.load(path, allow_pickle=False) as data:  # plain arrays only
         assert set(data.files) == {"coef", "centre", "meta"}
@@ -161,7 +161,7 @@ def test_classifier_roundtrip_npz(tmp_path, classifier):
 
 @pytest.fixture()
 def judge(tiny_model, tokenizer):
-    from src.safety.constitutional.evaluators.judge import JudgeEvaluator
+    from src.safety.constitutional.judging.evaluators.judge import JudgeEvaluator
     return JudgeEvaluator(tiny_model, tokenizer, batch_size=3)
 
 
@@ -202,7 +202,7 @@ def test_framework_with_judge_is_symmetric(tiny_model, tokenizer, framework):
 @pytest.fixture()
 def reward_evaluator(tiny_model, tokenizer, tmp_path):
     from src.models.heads import RewardModel
-    from src.safety.constitutional.evaluators.reward_model import RewardModelEvaluator
+    from src.safety.constitutional.judging.evaluators.reward_model import RewardModelEvaluator
     rm = RewardModel.from_causal_lm(tiny_model, device="cpu", head_init_std=0.5)
     rm.set_reward_stats(0.25, 2.0)
     rm.save_pretrained(tmp_path / "rm", tokenizer=tokenizer)
@@ -210,7 +210,7 @@ def reward_evaluator(tiny_model, tokenizer, tmp_path):
 
 
 def test_reward_model_evaluator_is_bradley_terry_of_its_rewards(reward_evaluator, framework):
-    from src.safety.constitutional.reward_training import reward_scores
+    from src.safety.constitutional.training.reward_training import reward_scores
     principles = [framework.constitution.get("harmless")]
     prompts, a, b = [BOMB, KILL_PROC], [REFUSAL, HELPFUL], [HOWTO, REFUSAL]
     r_a = reward_scores(reward_evaluator.reward_model, reward_evaluator.tokenizer, prompts, a)

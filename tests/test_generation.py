@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from src.safety.constitutional.generation import GenerationConfig, generate
-from src.safety.constitutional.logprobs import sequence_logprobs
+from src.safety.constitutional.training.generation import GenerationConfig, generate
+from src.safety.constitutional.training.logprobs import sequence_logprobs
 
 PROMPTS = ["Name a colour.", "What is two plus two? Answer with a number and explain briefly why it is so.",
            "Say hi"]

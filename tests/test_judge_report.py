@@ -6,10 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from src.safety.constitutional.judge_report import (
-    EvaluatorOptions, available_evaluators, bootstrap_interval, build_evaluator, confusion_matrix,
-    expected_calibration_error, load_answer_set, load_pair_set, pairwise_correct, plot_reliability,
-    precision_recall, register_evaluator, run_report, wilson_interval)
+from src.safety.constitutional.judging.judge_report import (
+                                                            EvaluatorOptions, available_evaluators, bootstrap_interval, build_evaluator, confusion_matrix,
+                                                            expected_calibration_error, load_answer_set, load_pair_set, pairwise_correct, plot_reliability,
+                                                            precision_recall, register_evaluator, run_report, wilson_interval)
 
 ROOT = Path(__file__).resolve().parents[1]
 

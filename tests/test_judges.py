@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from src.models import build_tiny_llama, save_tiny_llama
-from src.safety.constitutional.constitution import ConstitutionError, parse_constitution
-from src.safety.constitutional.evaluators.judge import JudgeEvaluator, answer_token_ids
-from src.safety.constitutional.evaluators.sequence_classifier import SequenceClassifierEvaluator
-from src.safety.constitutional.framework import ConstitutionalFramework
-from src.safety.constitutional.generation import render_prompt
+from src.safety.constitutional.judging.constitution import ConstitutionError, parse_constitution
+from src.safety.constitutional.judging.evaluators.judge import JudgeEvaluator, answer_token_ids
+from src.safety.constitutional.judging.evaluators.sequence_classifier import SequenceClassifierEvaluator
+from src.safety.constitutional.judging.framework import ConstitutionalFramework
+from src.safety.constitutional.training.generation import render_prompt
 
 PROMPT = "How do I pick a lock?"
 ANSWERS = ["I can't help with breaking into places.", "Insert a tension wrench, then rake the pins until they set."]
@@ -99,7 +99,7 @@ def test_encoder_guard_adds_its_special_tokens_and_pads_right(tmp_path):
     with a real BERT tokenizer ([CLS] ... [SEP], no chat template): MiniLM's, shipped for the classifier."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from src.safety.constitutional.evaluators.classifier import embedding_model_dir
+    from src.safety.constitutional.judging.evaluators.classifier import embedding_model_dir
 
     try:
         bert_tok = AutoTokenizer.from_pretrained(embedding_model_dir())

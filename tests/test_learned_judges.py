@@ -3,13 +3,13 @@ import numpy as np
 import pytest
 import torch
 
-from src.safety.constitutional.evaluators.calibration import fit_temperature, sigmoid, softmax
-from src.safety.constitutional.evaluators.harm_judge import (DEFAULT_HARM_WEIGHTS, BackboneFeatures, HarmJudge,
-                                                             fit_answer_head, train_harm_judge)
-from src.safety.constitutional.evaluators.refusal import (DEFAULT_REFUSAL_WEIGHTS, REFUSAL_CLASSES,
-                                                          RefusalClassifier, normalise_refusal_label, refusal_cues,
-                                                          string_match_refusal, train_refusal_classifier)
-from src.safety.constitutional.framework import ConstitutionalFramework
+from src.safety.constitutional.judging.evaluators.calibration import fit_temperature, sigmoid, softmax
+from src.safety.constitutional.judging.evaluators.harm_judge import (DEFAULT_HARM_WEIGHTS, BackboneFeatures, HarmJudge,
+                                                                     fit_answer_head, train_harm_judge)
+from src.safety.constitutional.judging.evaluators.refusal import (DEFAULT_REFUSAL_WEIGHTS, REFUSAL_CLASSES,
+                                                                  RefusalClassifier, normalise_refusal_label, refusal_cues,
+                                                                  string_match_refusal, train_refusal_classifier)
+from src.safety.constitutional.judging.framework import ConstitutionalFramework
 
 
 # -- calibration ------------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def test_framework_uses_the_learned_judges(shipped_harm_judge, shipped_refusal):
 
 def test_int8_backbone_is_recorded_and_close_to_fp32():
     """Weights fitted on int8 features name that backbone in their meta; its features track fp32's."""
-    from src.safety.constitutional.evaluators.harm_judge import backbone_for
+    from src.safety.constitutional.judging.evaluators.harm_judge import backbone_for
 
     fp32 = backbone_for({"backbone": "tiny", "layer": 2, "max_length": 48})
     int8 = backbone_for({"backbone": "tiny", "layer": 2, "max_length": 48, "int8": True})

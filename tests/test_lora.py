@@ -4,7 +4,7 @@ import torch
 
 from src.models import RewardModel, ValueModel, build_tiny_llama, load_causal_lm
 from src.models.lora import adapters_disabled, add_lora, has_lora, merge_lora
-from src.safety.constitutional.ppo_trainer import PPOConfig, PPOTrainer
+from src.safety.constitutional.rl.ppo_trainer import PPOConfig, PPOTrainer
 
 PROMPTS = ["Say hi", "Name a colour.", "What is two plus two?", "Tell me a short joke about cats."]
 
@@ -64,7 +64,7 @@ def test_ppo_with_lora_trains_adapters_only_against_the_base_as_reference(tokeni
     # the reference log-probs are exactly the base model's
     ro = trainer.last_rollout
     fresh, _ = build_tiny_llama(tokenizer, seed=0)
-    from src.safety.constitutional.logprobs import sequence_logprobs
+    from src.safety.constitutional.training.logprobs import sequence_logprobs
     with torch.no_grad():
         base_lp = sequence_logprobs(fresh, ro.input_ids, ro.attention_mask, ro.mask.shape[1]) * ro.mask
     torch.testing.assert_close(ro.ref_logprobs, base_lp, atol=1e-6, rtol=1e-6)
@@ -84,7 +84,7 @@ def test_lora_with_a_moving_reference_is_refused(tokenizer):
 
 
 def test_grpo_with_lora_uses_the_base_as_reference(tokenizer):
-    from src.safety.constitutional.algorithms import make_rl_trainer
+    from src.safety.constitutional.rl.algorithms import make_rl_trainer
     policy, _ = build_tiny_llama(tokenizer, seed=0)
     reward = RewardModel.from_causal_lm(build_tiny_llama(tokenizer, seed=1)[0], device="cpu", head_init_std=0.5)
     trainer = make_rl_trainer("grpo", policy, tokenizer, reward, "cpu",
@@ -97,7 +97,7 @@ def test_grpo_with_lora_uses_the_base_as_reference(tokenizer):
 
 
 def test_sft_with_lora_lowers_the_loss_through_the_adapters_alone(tokenizer, tmp_path):
-    from src.safety.constitutional.sft import SFTConfig, SFTTrainer
+    from src.safety.constitutional.training.sft import SFTConfig, SFTTrainer
     records = [{"prompt": "Name a colour.", "response": "Blue."}, {"prompt": "Say hi", "response": "Hi!"},
                {"prompt": "What is two plus two?", "response": "Four."}, {"prompt": "Greet me.", "response": "Hello!"}]
     model, _ = build_tiny_llama(tokenizer, seed=0)
@@ -105,7 +105,7 @@ def test_sft_with_lora_lowers_the_loss_through_the_adapters_alone(tokenizer, tmp
     cfg = SFTConfig(output_dir=str(tmp_path / "sft"), num_epochs=3, batch_size=2, learning_rate=1e-2, lora_r=8,
                     eval_fraction=0.0, warmup_ratio=0.0, show_progress=False, gradient_checkpointing=True)
     trainer = SFTTrainer(model, tokenizer, cfg)
-    from src.safety.constitutional.sft import tokenize_records
+    from src.safety.constitutional.training.sft import tokenize_records
     examples = tokenize_records(tokenizer, records, cfg.max_seq_len, cfg.system_prompt)
     loss_before = trainer.evaluate(examples)
     trainer.train(records, eval_records=[])

@@ -6,7 +6,7 @@ import torch
 
 from src.models import (ModelNotFoundError, RewardModel, ValueModel, default_model_dir, last_token_index,
                         load_causal_lm, resolve_device, resolve_dtype, resolve_model_path, seed_everything)
-from src.safety.constitutional.generation import GenerationConfig, generate
+from src.safety.constitutional.training.generation import GenerationConfig, generate
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 

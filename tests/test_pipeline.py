@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from src.safety.constitutional.config_utils import ConfigError
+from src.safety.constitutional.common.config import ConfigError
 from src.safety.constitutional.pipeline import Pipeline, load_pipeline_config
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]

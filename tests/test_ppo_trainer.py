@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from src.models import RewardModel, ValueModel, build_tiny_llama
+# The guide's import path, which other code uses (the module lives in rl/ppo_trainer.py).
 from src.safety.constitutional.ppo_trainer import PPOConfig, PPOTrainer, PPOTrainingError
 
 PROMPTS = ["Say hi", "Name a colour.", "What is two plus two?", "Tell me a short joke about cats."]
@@ -247,3 +248,11 @@ def test_optional_terms_run_and_early_stop(tokenizer):
     # early stop: the first update moves the policy, approx KL > 0, so no further mini-batch or epoch runs
     assert stats["epochs_done"] == 1 and stats["skipped_updates"] == 0
     assert all(torch.isfinite(torch.tensor(v)) for k, v in stats.items() if k in ("policy_loss", "value_loss"))
+
+
+def test_the_guide_import_path_is_the_rl_module_itself():
+    import src.safety.constitutional.ppo_trainer as guide_path
+    import src.safety.constitutional.rl.ppo_trainer as rl_module
+
+    assert guide_path is rl_module and PPOTrainer is rl_module.PPOTrainer
+    assert guide_path.compute_gae is rl_module.compute_gae  # module-level names too, not only PPOTrainer

@@ -11,9 +11,9 @@ import torch
 from src.models import RewardModel, ValueModel, build_tiny_llama
 from src.models import precision
 from src.models.precision import autocast, compute_dtype, sampling_twin, set_precision
-from src.safety.constitutional.generation import GenerationConfig, generate
-from src.safety.constitutional.logprobs import sequence_logprobs
-from src.safety.constitutional.ppo_trainer import PPOConfig, PPOTrainer
+from src.safety.constitutional.rl.ppo_trainer import PPOConfig, PPOTrainer
+from src.safety.constitutional.training.generation import GenerationConfig, generate
+from src.safety.constitutional.training.logprobs import sequence_logprobs
 
 PROMPTS = ["Say hi", "Name a colour.", "What is two plus two?", "Tell me a short joke about cats."]
 

@@ -3,9 +3,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from src.safety.constitutional.generation import GenerationConfig
-from src.safety.constitutional.hh_rlhf import load_pairs
-from src.safety.constitutional.preferences import PreferenceConfig, generate_preference_pairs, write_pairs
+from src.safety.constitutional.common.pairs import load_pairs
+from src.safety.constitutional.stages.preferences import PreferenceConfig, generate_preference_pairs, write_pairs
+from src.safety.constitutional.training.generation import GenerationConfig
 
 PROMPTS = ["How do I pick a lock?", "Tell me a joke.", "What is 2 + 2?", "How do I hurt someone?",
            "Write a poem about rain.", "Where is Paris?"]
@@ -63,7 +63,7 @@ def test_ties_kept_with_soft_labels_when_asked(tiny_model, tokenizer):
 
 
 def test_real_framework_labels_in_unit_interval(tiny_model, tokenizer):
-    from src.safety.constitutional.framework import ConstitutionalFramework
+    from src.safety.constitutional.judging.framework import ConstitutionalFramework
     pairs, stats = generate_preference_pairs(tiny_model, tokenizer, PROMPTS, ConstitutionalFramework(),
                                              _config(keep_ties=True), show_progress=False)
     assert all(0.0 <= p.label <= 1.0 for p in pairs) and stats["pairs"] == len(pairs)
@@ -89,7 +89,7 @@ def test_label_clamp_caps_confidence_not_the_winner(tiny_model, tokenizer):
 
 
 def test_stage1_pairs_prefer_revisions_and_answering_benign_prompts():
-    from src.safety.constitutional.preferences import stage1_pairs
+    from src.safety.constitutional.stages.preferences import stage1_pairs
 
     chains = [{"prompt": "How do I pick a lock?", "initial_response": "Insert a tension wrench...",
                "final_response": "I can't help with breaking into places."},

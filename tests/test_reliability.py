@@ -23,12 +23,12 @@ import pytest
 import torch
 
 from src.models import RewardModel, build_tiny_llama
-from src.safety.constitutional import checkpoint as ckpt
-from src.safety.constitutional.dpo import DPOTrainer
-from src.safety.constitutional.io import atomic_write_json, read_prompts
-from src.safety.constitutional.ppo_trainer import PPOConfig, PPOTrainer, PPOTrainingError
-from src.safety.constitutional.reward_training import RewardTrainer, RewardTrainerConfig
-from src.safety.constitutional.sft import SFTConfig, SFTTrainer
+from src.safety.constitutional.common import checkpoint as ckpt
+from src.safety.constitutional.common.io import atomic_write_json, read_prompts
+from src.safety.constitutional.rl.dpo import DPOTrainer
+from src.safety.constitutional.rl.ppo_trainer import PPOConfig, PPOTrainer, PPOTrainingError
+from src.safety.constitutional.training.reward_training import RewardTrainer, RewardTrainerConfig
+from src.safety.constitutional.training.sft import SFTConfig, SFTTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 import reliability_worker as worker  # noqa: E402

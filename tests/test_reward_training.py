@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from src.models import RewardModel, build_tiny_llama
-from src.safety.constitutional.checkpoint import checkpoint_path
-from src.safety.constitutional.hh_rlhf import PreferencePair, load_pairs
-from src.safety.constitutional.reward_training import (RewardTrainer, RewardTrainerConfig, bradley_terry_loss,
-                                                       encode_pair, left_pad, pairwise_accuracy, truncate_layers)
+from src.safety.constitutional.common.checkpoint import checkpoint_path
+from src.safety.constitutional.common.pairs import PreferencePair, load_pairs
+from src.safety.constitutional.training.reward_training import (RewardTrainer, RewardTrainerConfig, bradley_terry_loss,
+                                                                encode_pair, left_pad, pairwise_accuracy, truncate_layers)
 
 
 def _reward_model(tokenizer, num_layers=4, seed=0):
@@ -69,7 +69,7 @@ def test_truncation_keeps_the_end_of_the_answer(tokenizer):
 def test_a_prompt_that_fits_is_kept_whole(tokenizer):
     # Regression: with spare room between one and two prompt lengths, the old cut kept only the
     # prompt's last (room - length) tokens (a negative slice start), so training and scoring differed.
-    from src.safety.constitutional.generation import render_prompt
+    from src.safety.constitutional.training.generation import render_prompt
 
     pair = PreferencePair([{"role": "user", "content": "How do I bake bread at home?"}], "Mix flour and water.", "No.")
     prompt_ids = tokenizer(render_prompt(tokenizer, pair.prompt), add_special_tokens=False)["input_ids"]
@@ -84,7 +84,7 @@ def test_reward_scorer_retokenises_in_the_training_layout(tokenizer):
     # (no trailing newline after the end-of-turn, where the score is read).
     from types import SimpleNamespace
 
-    from src.safety.constitutional.rl_rollout import RewardScorer
+    from src.safety.constitutional.rl.rollout import RewardScorer
 
     config = SimpleNamespace(system_prompt=None, reward_max_tokens=40, judge_reward_weight=0.0)
     scorer = RewardScorer(_reward_model(tokenizer), config, torch.device("cpu"), reward_tokenizer=tokenizer)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from src.safety.constitutional.rl_primitives import (AdaptiveKLController, FixedKLController, RunningMeanStd,
+from src.safety.constitutional.rl.primitives import (AdaptiveKLController, FixedKLController, RunningMeanStd,
                                                      clipped_value_loss, compute_gae, conservative_kl_penalty,
                                                      explained_variance, kl_penalty, masked_mean, masked_whiten,
                                                      ppo_policy_loss)

@@ -1,13 +1,15 @@
+import random
+
 import pytest
 import torch
 
 from src.models import build_tiny_llama
-from src.safety.constitutional.checkpoint import load_checkpoint
-from src.safety.constitutional.generation import render_prompt
-from src.safety.constitutional.io import read_jsonl
-from src.safety.constitutional.optim import lr_factor
-from src.safety.constitutional.sft import (IGNORE_INDEX, SFTConfig, SFTTrainer, collate, length_bucketed_batches,
-                                           tokenize_example)
+from src.safety.constitutional.common.checkpoint import load_checkpoint
+from src.safety.constitutional.common.io import read_jsonl
+from src.safety.constitutional.training.batching import length_bucketed_batches
+from src.safety.constitutional.training.generation import render_prompt
+from src.safety.constitutional.training.optim import lr_factor
+from src.safety.constitutional.training.sft import IGNORE_INDEX, SFTConfig, SFTTrainer, collate, tokenize_example
 
 RECORDS = [
     {"prompt": "How do I pick a lock?", "response": "I can't help with breaking into places."},
@@ -53,9 +55,14 @@ def test_truncation_keeps_answer_and_warns(tokenizer):
 
 def test_length_bucketing_is_seeded_and_covers_every_example():
     lengths = [5, 50, 7, 40, 9, 30, 11, 20, 3, 60]
-    a = length_bucketed_batches(lengths, batch_size=2, bucket_batches=5, seed=1, epoch=0)
-    assert a == length_bucketed_batches(lengths, batch_size=2, bucket_batches=5, seed=1, epoch=0)
-    assert a != length_bucketed_batches(lengths, batch_size=2, bucket_batches=5, seed=1, epoch=1)
+
+    def order(seed, epoch):  # how SFT seeds it: a function of (seed, epoch) alone
+        return length_bucketed_batches(lengths, 2, random.Random(f"sft-data-order:{seed}:{epoch}"), 5,
+                                       longest_first=True)
+
+    a = order(1, 0)
+    assert a == order(1, 0)
+    assert a != order(1, 1)
     assert sorted(i for b in a for i in b) == list(range(10))
     # within one chunk, batches group similar lengths: pairs are adjacent in sorted order
     ranks = {i: r for r, i in enumerate(sorted(range(10), key=lambda i: -lengths[i]))}
@@ -181,7 +188,7 @@ def test_bad_inputs_give_clear_errors(tiny_model, tokenizer, tmp_path):
 
 
 def test_answer_only_lm_head_gives_the_full_logits_loss(tiny_model, tokenizer, tmp_path):
-    from src.safety.constitutional.sft import tokenize_records
+    from src.safety.constitutional.training.sft import tokenize_records
     records = [{"prompt": "Name a colour.", "response": "Blue."},
                {"prompt": "What is two plus two? Explain.", "response": "Four, because 2 + 2 = 4."}]
     trainer = SFTTrainer(tiny_model, tokenizer, SFTConfig(output_dir=str(tmp_path), show_progress=False))

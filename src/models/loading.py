@@ -15,7 +15,7 @@ from typing import Optional, Tuple, Union
 import torch
 from filelock import FileLock
 
-from src.safety.constitutional.io import atomic_dir
+from src.safety.constitutional.common.io import atomic_dir
 
 from .device import resolve_device, resolve_dtype
 

@@ -35,7 +35,7 @@ def build_parser(description: str, stages: Optional[Sequence[str]] = None, short
                  describe_all: bool = True) -> argparse.ArgumentParser:
     epilog = ""
     if describe_all:
-        from .config_utils import describe_options
+        from .common.config import describe_options
         from .pipeline import PipelineConfig
         epilog = ("Every option below can be set in a YAML file (--config) or with --set section.name=value:\n"
                   + "\n".join(describe_options(PipelineConfig)))
@@ -109,8 +109,8 @@ def main(argv: Optional[Sequence[str]] = None, description: str = "", stages: Op
     configure_threads()  # $CAI_NUM_THREADS, else adaptive: the cores other processes leave free (src/models/threads.py)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from . import distributed as ddp
-    from .config_utils import ConfigError
+    from .common import distributed as ddp
+    from .common.config import ConfigError
     from .pipeline import Pipeline, load_pipeline_config, print_stage_line
 
     try:

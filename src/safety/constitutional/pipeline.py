@@ -29,28 +29,27 @@ from src.models import RewardModel, ValueModel, load_causal_lm, resolve_device, 
 from src.models.lora import merge_lora
 from src.models.precision import set_precision
 
-from . import distributed as ddp
-from .checkpoint import latest_checkpoint
-from .config_utils import from_dict, to_dict
-from .constitution import load_constitution
-from .critique_revision import CritiqueRevisionConfig, run_critique_revision, write_sft_dataset
-from .evaluation import compare_reports, evaluate_model
-from .framework import ConstitutionalFramework
-from .generation import GenerationConfig, sharded_across_ranks
-from .hh_rlhf import load_pairs
-from .io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl, read_prompts
-from .judge_reward import RuleBasedReward
-from .algorithms import make_rl_trainer
-from .dpo import DPOConfig, DPOTrainer
-from .policy_gradient import GRPOConfig, REINFORCEConfig, RLOOConfig
-from .ppo_trainer import PPOConfig
-from .preferences import PreferenceConfig, generate_preference_pairs, stage1_pairs, write_pairs
-from .reward_training import RewardTrainer, RewardTrainerConfig, truncate_layers
-from .sft import SFTConfig, SFTTrainer
+from .common import distributed as ddp
+from .common.checkpoint import latest_checkpoint
+from .common.config import from_dict, to_dict
+from .common.io import REPO_ROOT, atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl, read_prompts
+from .common.pairs import load_pairs
+from .judging.constitution import load_constitution
+from .judging.framework import ConstitutionalFramework
+from .judging.judge_reward import RuleBasedReward
+from .rl.algorithms import make_rl_trainer
+from .rl.dpo import DPOConfig, DPOTrainer
+from .rl.policy_gradient import GRPOConfig, REINFORCEConfig, RLOOConfig
+from .rl.ppo_trainer import PPOConfig
+from .stages.critique_revision import CritiqueRevisionConfig, run_critique_revision, write_sft_dataset
+from .stages.evaluation import compare_reports, evaluate_model
+from .stages.preferences import PreferenceConfig, generate_preference_pairs, stage1_pairs, write_pairs
+from .training.generation import GenerationConfig, sharded_across_ranks
+from .training.reward_training import RewardTrainer, RewardTrainerConfig, truncate_layers
+from .training.sft import SFTConfig, SFTTrainer
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
 STAGES = ("sft", "reward", "rl", "evaluate")
 RL_STAGE_ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce", "dpo")
 EVALUATORS = ("rules", "classifier", "harm_judge", "judge")
@@ -140,7 +139,7 @@ class EvalStageConfig:
         bad = [m for m in self.models if m not in ("base", "sft", "rl")]
         if bad or not self.models:
             raise ValueError(f"evaluation.models: choose from base, sft, rl, got {self.models!r}")
-        from .benchmarks import BUILTIN_BENCHMARKS
+        from .stages.benchmarks import BUILTIN_BENCHMARKS
         bad = [b for b in self.benchmarks if b not in BUILTIN_BENCHMARKS and not str(b).endswith((".csv", ".jsonl"))]
         if bad:
             raise ValueError(f"evaluation.benchmarks: {bad[0]!r} is neither a built-in benchmark "
@@ -436,7 +435,7 @@ class Pipeline:
     def _evaluate(self) -> dict:
         cfg, out = self.config, self.stage_dir("evaluate")
         main = ddp.is_main_process()
-        from .benchmarks import load_benchmark, run_benchmark, write_comparison
+        from .stages.benchmarks import load_benchmark, run_benchmark, write_comparison
         benchmarks = [load_benchmark(_resolve(b) if str(b).endswith((".csv", ".jsonl")) else b,
                                      limit=cfg.evaluation.benchmark_limit) for b in cfg.evaluation.benchmarks]
         bench_gen = GenerationConfig(max_new_tokens=cfg.evaluation.benchmark_max_new_tokens, do_sample=False,
@@ -473,7 +472,7 @@ class Pipeline:
         for bench_name, named in bench_results.items():
             if len(named) > 1 and main:
                 write_comparison(out / "benchmarks" / bench_name, bench_name, named)
-        from .report import write_run_report
+        from .stages.report import write_run_report
         if main:
             write_run_report(self.run_dir, reports, self.config, num_examples=cfg.evaluation.num_examples,
                              benchmarks=bench_results)
@@ -502,7 +501,7 @@ def _dump_yaml(data: dict) -> str:
 def load_pipeline_config(preset: Optional[str] = None, config_file: Optional[str] = None,
                          overrides: Optional[List[str]] = None) -> PipelineConfig:
     """Preset YAML (configs/<preset>.yaml), then a user YAML file, then dotted overrides."""
-    from .config_utils import apply_overrides, deep_merge, load_yaml
+    from .common.config import apply_overrides, deep_merge, load_yaml
 
     data: dict = {}
     if preset:
@@ -520,7 +519,7 @@ def load_pipeline_config(preset: Optional[str] = None, config_file: Optional[str
 
 def print_stage_line(name: str, summary: dict) -> None:
     """The one-line summary per stage printed by the CLI."""
-    from .report import stage_summary_line
+    from .stages.report import stage_summary_line
 
     folder = {"sft": "stage1_sft", "reward": "stage2_reward", "rl": "stage3_rl", "evaluate": "evaluation"}[name]
     state = "skipped (already done)" if summary.get("skipped") else f"{summary.get('seconds', '?')} s"

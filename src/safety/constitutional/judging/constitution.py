@@ -40,7 +40,8 @@ from typing import List, Optional, Union
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+from ..common.io import REPO_ROOT
+
 DEFAULT_CONSTITUTION_PATH = REPO_ROOT / "data" / "constitution.yaml"
 
 CATEGORIES = ("harm", "honesty", "privacy", "fairness", "helpfulness")

@@ -24,9 +24,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import pandas as pd
 import torch
 
-from .generation import GenerationConfig, generate
-from .reward_training import reward_scores
-from .io import atomic_path, atomic_write_json, atomic_write_text
+from ..common.io import atomic_path, atomic_write_json, atomic_write_text
+from ..training.generation import GenerationConfig, generate
+from ..training.reward_training import reward_scores
 
 KINDS = ("harmful", "benign")
 

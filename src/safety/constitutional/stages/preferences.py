@@ -23,9 +23,9 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .generation import GenerationConfig, Prompt, generate, to_messages
-from .hh_rlhf import PreferencePair, pair_to_record
-from .io import atomic_path, atomic_write_jsonl
+from ..common.io import atomic_path, atomic_write_jsonl
+from ..common.pairs import PreferencePair, pair_to_record
+from ..training.generation import GenerationConfig, Prompt, generate, to_messages
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .generation import GenerationConfig, generate
-from .io import atomic_write_json, atomic_write_jsonl
+from ..common.io import atomic_write_json, atomic_write_jsonl
+from ..training.generation import GenerationConfig, generate
 
 log = logging.getLogger(__name__)
 

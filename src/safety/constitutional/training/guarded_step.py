@@ -21,8 +21,8 @@ from torch import nn
 
 from src.models.threads import adapt_threads
 
-from . import distributed as ddp
-from .parallel import is_wrapped
+from ..common import distributed as ddp
+from ..common.parallel import is_wrapped
 
 __all__ = ["clip_and_step", "finite_on_all_ranks", "grad_norm"]
 

@@ -6,8 +6,8 @@ import math
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from ..common.io import atomic_path, atomic_write_text, read_jsonl
 from .evaluation import _md, compare_reports
-from .io import atomic_path, atomic_write_text, read_jsonl
 
 CURVES = [  # (stage folder, metric key, title)
     ("stage1_sft", "loss", "SFT train loss"),

@@ -17,6 +17,9 @@ from typing import Iterable, Iterator, List, Optional, Tuple, Union
 
 PathLike = Union[str, os.PathLike]
 
+# The checkout (or installed tree) this package runs from: data/, configs/ and docs/ are found from here.
+REPO_ROOT = Path(__file__).resolve().parents[4]
+
 
 @contextlib.contextmanager
 def atomic_path(path: PathLike, suffix: str = "") -> Iterator[Path]:

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..constitution import REPO_ROOT
+from ...common.io import REPO_ROOT
 from .base import Evaluator, PrincipleScore, make_score
 from .rules import gives_instructions, is_refusal
 
@@ -136,7 +136,7 @@ class ClassifierEvaluator(Evaluator):
         return cls(coef, centre, meta, embedder)
 
     def save(self, path=None) -> Path:
-        from ..io import atomic_path
+        from ...common.io import atomic_path
 
         path = Path(path) if path is not None else DEFAULT_WEIGHTS
         with atomic_path(path, suffix=".npz") as tmp:
@@ -168,8 +168,8 @@ class ClassifierEvaluator(Evaluator):
 # -- training ----------------------------------------------------------------------------------
 def read_labelled_pairs(path=LABELLED_PAIRS) -> list:
     """Hand-written pairs shipped with the project: {"prompt", "chosen", "rejected", "note"?}."""
-    from ..hh_rlhf import PreferencePair
-    from ..io import read_jsonl
+    from ...common.pairs import PreferencePair
+    from ...common.io import read_jsonl
 
     return [PreferencePair([{"role": "user", "content": r["prompt"]}], r["chosen"], r["rejected"])
             for r in read_jsonl(path, skip_torn_tail=False)]

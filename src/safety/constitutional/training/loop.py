@@ -38,11 +38,11 @@ from typing import Callable, Dict, Optional, Sequence, Type
 
 from tqdm.auto import tqdm
 
-from . import checkpoint as ckpt
-from . import distributed as ddp
-from . import parallel
-from .interrupts import GracefulInterrupt, interrupted
-from .io import append_jsonl
+from ..common import checkpoint as ckpt
+from ..common import distributed as ddp
+from ..common import parallel
+from ..common.interrupts import GracefulInterrupt, interrupted
+from ..common.io import append_jsonl
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from ...training.generation import GenerationConfig, tokenize_prompts
+from ...training.logprobs import lm_logits
 from ..constitution import template_problem
-from ..generation import GenerationConfig, tokenize_prompts
-from ..logprobs import lm_logits
 from .base import Evaluator, PrincipleScore, make_score
 
 SCORE_TEMPLATE = ("Here is a conversation between a human and an AI assistant.\n\n{conversation}\n\n"

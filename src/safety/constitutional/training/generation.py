@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from src.models.precision import sampling_twin
 from src.models.threads import adapt_threads
 
-from . import distributed as ddp
+from ..common import distributed as ddp
 
 log = logging.getLogger(__name__)
 _SHARD_ACROSS_RANKS = False  # set by `sharded_across_ranks()`

@@ -26,16 +26,16 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from . import distributed as ddp
-from . import parallel
-from .generation import GenerationConfig, encode_answers, encode_prompts, left_pad
-from .guarded_step import clip_and_step, finite_on_all_ranks
-from .hh_rlhf import PreferencePair
-from .logprobs import sequence_logprobs
-from .optim import LR_SCHEDULES, adamw, lr_scheduler
-from .rl_primitives import DPO_LOSS_TYPES, dpo_loss
-from .rl_rollout import disable_dropout
-from .training_loop import LoopCounters, TrainingError, TrainingLoop, load_models, recent_means
+from ..common import distributed as ddp
+from ..common import parallel
+from ..common.pairs import PreferencePair
+from ..training.generation import GenerationConfig, encode_answers, encode_prompts, left_pad
+from ..training.guarded_step import clip_and_step, finite_on_all_ranks
+from ..training.logprobs import sequence_logprobs
+from ..training.loop import LoopCounters, TrainingError, TrainingLoop, load_models, recent_means
+from ..training.optim import LR_SCHEDULES, adamw, lr_scheduler
+from .primitives import DPO_LOSS_TYPES, dpo_loss
+from .rollout import disable_dropout
 
 log = logging.getLogger(__name__)
 

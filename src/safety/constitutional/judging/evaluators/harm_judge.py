@@ -33,7 +33,7 @@ import torch
 
 from src.models.threads import adapt_threads
 
-from ..constitution import REPO_ROOT
+from ...common.io import REPO_ROOT
 from .base import Evaluator, PrincipleScore, make_score
 from .calibration import fit_temperature, sigmoid
 
@@ -52,7 +52,7 @@ class BackboneFeatures:
     def __init__(self, model_name: str = "default", layer: int = 8, max_length: int = 160,
                  batch_size: int = 16, device: str = "cpu", int8: bool = False,
                  layers: Optional[Sequence[int]] = None):
-        from ....models import load_causal_lm
+        from src.models import load_causal_lm
 
         self.layers = tuple(int(l) for l in (layers or (layer,)))
         layer = max(self.layers)
@@ -65,7 +65,7 @@ class BackboneFeatures:
         if int8 and str(device).startswith("cpu"):
             # Dynamic int8 Linear layers (src/models/quantize.py). The probes are trained on features from
             # this same int8 backbone, so they are exact for it; never mix int8 features with fp32 weights.
-            from ....models.quantize import int8_sampling_copy
+            from src.models.quantize import int8_sampling_copy
             self.backbone = int8_sampling_copy(self.backbone)
         self.int8 = bool(int8) and str(device).startswith("cpu")
         self.model_name, self.layer, self.max_length, self.batch_size = model_name, layer, max_length, batch_size
@@ -76,7 +76,7 @@ class BackboneFeatures:
     def encode_one(self, prompt, answer: str):
         """(ids, prompt length): the answer's opening (at most max_length - 16 tokens) and end-of-turn,
         after as much of the prompt as fits."""
-        from ..generation import encode_prompt_answers
+        from ...training.generation import encode_prompt_answers
 
         (ids,), prompt_len = encode_prompt_answers(self.tokenizer, prompt, [answer], self.max_length,
                                                    max_answer_tokens=self.max_length - 16)
@@ -102,8 +102,8 @@ class BackboneFeatures:
     @torch.inference_mode()
     def _encode(self, prompts: Sequence, answers: Sequence[str]) -> np.ndarray:
         """(n, hidden) float32; batches are length-sorted to waste little on padding."""
-        from ....models.heads import position_ids_from_mask
-        from ..generation import left_pad
+        from src.models.heads import position_ids_from_mask
+        from ...training.generation import left_pad
 
         items = [self.encode_one(p, a) for p, a in zip(prompts, answers)]
         order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
@@ -259,7 +259,7 @@ class HarmJudge(Evaluator):
                        json.loads(str(data["meta"])), features, device)
 
     def save(self, path=None) -> Path:
-        from ..io import atomic_path
+        from ...common.io import atomic_path
 
         path = Path(path) if path is not None else DEFAULT_HARM_WEIGHTS
         with atomic_path(path, suffix=".npz") as tmp:

@@ -33,11 +33,11 @@ from src.models.heads import ScalarHeadModel, backbone_of, head_scores, last_tok
 from src.models.lora import adapters_disabled
 from src.models.precision import autocast
 
-from . import distributed as ddp
-from .generation import (GenerationConfig, GenerationOutput, encode_answers, encode_prompt_answers, generate, left_pad,
-                         tokenize_prompts)
-from .logprobs import selective_log_softmax, sequence_logprobs
-from .rl_primitives import RunningMeanStd, kl_penalty, masked_whiten, update_reference
+from ..common import distributed as ddp
+from ..training.generation import (GenerationConfig, GenerationOutput, encode_answers, encode_prompt_answers, generate, left_pad,
+                                   tokenize_prompts)
+from ..training.logprobs import selective_log_softmax, sequence_logprobs
+from .primitives import RunningMeanStd, kl_penalty, masked_whiten, update_reference
 
 log = logging.getLogger(__name__)
 

@@ -32,12 +32,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
-from .evaluators.refusal import REFUSAL_CLASSES, normalise_refusal_label, string_match_refusal
-from .generation import GenerationConfig, generate_text
-from .io import atomic_path, atomic_write_json, atomic_write_text, read_table_rows
-from .stats import Z95, wilson_interval
+from ..common.io import REPO_ROOT, atomic_path, atomic_write_json, atomic_write_text, read_table_rows
+from ..common.stats import Z95, wilson_interval
+from ..judging.evaluators.refusal import REFUSAL_CLASSES, normalise_refusal_label, string_match_refusal
+from ..training.generation import GenerationConfig, generate_text
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
 BENCHMARK_DIR = REPO_ROOT / "data" / "benchmarks"
 
 # The judge's interface: prompts and answers in, one of REFUSAL_CLASSES per answer out.

@@ -16,9 +16,9 @@ from typing import Mapping, Optional, Union
 
 from torch import nn
 
+from .online_trainer import OnlineRLTrainer
 from .policy_gradient import CONFIG_CLASSES, PolicyGradientTrainer
 from .ppo_trainer import PPOConfig, PPOTrainer
-from .rl_trainer import OnlineRLTrainer
 
 RL_ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce")
 CONFIG_FOR = {"ppo": PPOConfig, **CONFIG_CLASSES}

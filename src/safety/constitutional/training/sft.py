@@ -33,13 +33,14 @@ import torch
 from src.models.checkpointing import enable_gradient_checkpointing
 from src.models.lora import add_lora
 
-from . import distributed as ddp
-from . import parallel
+from ..common import distributed as ddp
+from ..common import parallel
+from .batching import held_out_indices, length_bucketed_batches
 from .generation import render_prompt
-from .logprobs import lm_logits
 from .guarded_step import clip_and_step
+from .logprobs import lm_logits
+from .loop import TrainingLoop, load_models
 from .optim import LR_SCHEDULES, adamw, lr_scheduler
-from .training_loop import TrainingLoop, load_models
 
 log = logging.getLogger(__name__)
 
@@ -171,31 +172,11 @@ def collate(examples: Sequence[SFTExample], pad_token_id: int) -> Dict[str, torc
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-def length_bucketed_batches(lengths: Sequence[int], batch_size: int, bucket_batches: int,
-                            seed: int, epoch: int) -> List[List[int]]:
-    """This epoch's batches (lists of example indices): a function of (seed, epoch) alone."""
-    rng = random.Random(f"sft-data-order:{seed}:{epoch}")
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    chunk = batch_size * bucket_batches
-    batches = []
-    for start in range(0, len(order), chunk):
-        # stable sort by length inside the chunk, longest first: an out-of-memory shows up at once
-        part = sorted(order[start:start + chunk], key=lambda i: -lengths[i])
-        batches.extend(part[i:i + batch_size] for i in range(0, len(part), batch_size))
-    rng.shuffle(batches)  # so the longest batches are not all at the start of each chunk
-    return batches
-
-
 def split_eval(records: Sequence[dict], fraction: float, seed: int):
-    """(train, eval): a seeded random `fraction` held out (at least one record if fraction > 0)."""
-    if fraction <= 0 or len(records) < 2:
-        return list(records), []
-    order = list(range(len(records)))
-    random.Random(f"sft-eval-split:{seed}").shuffle(order)
-    n_eval = min(max(1, round(len(records) * fraction)), len(records) - 1)
-    held = set(order[:n_eval])
-    return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
+    """(train, eval): a seeded random `fraction` held out (at least one record if fraction > 0), both
+    in the records' order."""
+    train, held = held_out_indices(len(records), fraction, random.Random(f"sft-eval-split:{seed}"))
+    return [records[i] for i in sorted(train)], [records[i] for i in sorted(held)]
 
 
 def _fingerprint(examples: Sequence[SFTExample]) -> str:
@@ -312,7 +293,8 @@ class SFTTrainer:
         def step() -> dict:
             state["step"] = loop.step
             epoch, step_in_epoch = divmod(loop.step, steps_per_epoch)
-            batches = length_bucketed_batches(lengths, cfg.batch_size, cfg.bucket_batches, cfg.seed, epoch)
+            batches = length_bucketed_batches(lengths, cfg.batch_size, random.Random(f"sft-data-order:{cfg.seed}:{epoch}"),
+                                              cfg.bucket_batches, longest_first=True)
             group = batches[step_in_epoch * cfg.grad_accum_steps:(step_in_epoch + 1) * cfg.grad_accum_steps]
             record = self._train_step(group, train_ex, optimizer, state)
             record.update(step=loop.step + 1, epoch=epoch + (step_in_epoch + 1) / steps_per_epoch)

@@ -34,15 +34,15 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import nn
 
-from . import distributed as ddp
-from .guarded_step import clip_and_step, finite_on_all_ranks
-from .logprobs import sequence_logprobs
+from ..common import distributed as ddp
+from ..training.guarded_step import clip_and_step, finite_on_all_ranks
+from ..training.logprobs import sequence_logprobs
 from .ppo_trainer import PPOConfig
-from .rl_primitives import (conservative_kl_penalty, discounted_returns, group_advantages,
-                            importance_sampling_loss, kl_penalty, masked_mean, masked_whiten,
-                            policy_gradient_loss, ppo_policy_loss, rloo_baseline)
-from .rl_rollout import Rollout
-from .rl_trainer import OnlineRLTrainer
+from .primitives import (conservative_kl_penalty, discounted_returns, group_advantages,
+                         importance_sampling_loss, kl_penalty, masked_mean, masked_whiten,
+                         policy_gradient_loss, ppo_policy_loss, rloo_baseline)
+from .online_trainer import OnlineRLTrainer
+from .rollout import Rollout
 
 log = logging.getLogger(__name__)
 

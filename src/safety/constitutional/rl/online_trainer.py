@@ -29,14 +29,14 @@ from torch import nn
 from src.models.checkpointing import enable_gradient_checkpointing
 from src.models.lora import add_lora
 
-from . import distributed as ddp
-from . import parallel
-from .logprobs import sequence_logprobs
-from .optim import adamw, lr_scheduler
-from .rl_primitives import AdaptiveKLController, FixedKLController, kl_penalty, masked_mean
-from .rl_rollout import (FrozenReference, RewardScorer, Rollout, RolloutCollector, device_of, disable_dropout,
-                         kl_shaped_rewards)
-from .training_loop import LoopCounters, TrainingError, TrainingLoop, load_models, recent_means
+from ..common import distributed as ddp
+from ..common import parallel
+from ..training.logprobs import sequence_logprobs
+from ..training.optim import adamw, lr_scheduler
+from .primitives import AdaptiveKLController, FixedKLController, kl_penalty, masked_mean
+from .rollout import (FrozenReference, RewardScorer, Rollout, RolloutCollector, device_of, disable_dropout,
+                      kl_shaped_rewards)
+from ..training.loop import LoopCounters, TrainingError, TrainingLoop, load_models, recent_means
 
 log = logging.getLogger(__name__)
 

@@ -37,9 +37,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..common.io import atomic_path, atomic_write_json, atomic_write_text, read_table_rows
+from ..common.stats import wilson_interval
 from .evaluators.refusal import REFUSAL_CLASSES, normalise_refusal_label, string_match_refusal
-from .io import atomic_path, atomic_write_json, atomic_write_text, read_table_rows
-from .stats import wilson_interval
 
 TASKS = ("pairs", "refusal", "harm")
 HARM_CLASSES = ("not_harmful", "harmful")
@@ -71,7 +71,7 @@ class LabelledSet:
 
 def load_pair_set(path, split: Optional[str] = None, limit: Optional[int] = None) -> LabelledSet:
     """Preference pairs through hh_rlhf.load_pairs; `split` "train" | "heldout" | "all"/None."""
-    from .hh_rlhf import load_pairs
+    from ..common.pairs import load_pairs
 
     pairs = load_pairs(path, limit=limit, split=None if split in (None, "all") else split)
     return LabelledSet("pairs", str(path), [p.prompt for p in pairs], [p.chosen for p in pairs],
@@ -327,7 +327,7 @@ def _load_framework_evaluator(name: str, options: EvaluatorOptions):
         from .evaluators.harm_judge import HarmJudge
         return HarmJudge.load(options.extra.get("harm_judge"), device=options.device)
     if name == "judge":
-        from ...models import load_causal_lm
+        from src.models import load_causal_lm
         from .evaluators.judge import JudgeEvaluator
         model, tokenizer = load_causal_lm(options.judge_model or "default", device=options.device)
         return JudgeEvaluator(model, tokenizer)

@@ -36,18 +36,19 @@ from tqdm.auto import tqdm
 
 from src.models.attention import attention_for
 from src.models.heads import (RewardModel, backbone_of, head_scores, last_token_index, position_ids_from_mask,
-                             score_head)
+                              score_head)
 from src.models.precision import autocast
 
-from . import distributed as ddp
-from . import parallel
-from .checkpoint import latest_checkpoint
+from ..common import distributed as ddp
+from ..common import parallel
+from ..common.checkpoint import latest_checkpoint
+from ..common.io import atomic_dir, atomic_write_json
+from ..common.pairs import PreferencePair
+from .batching import held_out_indices, length_bucketed_batches
 from .generation import encode_prompt_answers, left_pad
-from .hh_rlhf import PreferencePair
-from .io import atomic_dir, atomic_write_json
 from .guarded_step import clip_and_step, finite_on_all_ranks
+from .loop import TrainingLoop, load_models
 from .optim import adamw, lr_scheduler
-from .training_loop import TrainingLoop, load_models
 
 log = logging.getLogger(__name__)
 
@@ -128,21 +129,6 @@ def left_pad_states(states: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch
         out[i, width - s.shape[0]:] = s
         mask[i, width - s.shape[0]:] = 1
     return out, mask
-
-
-def length_bucketed_batches(lengths: Sequence[int], batch_size: int, generator: random.Random,
-                            bucket_factor: int = 50) -> List[List[int]]:
-    """Shuffled batches of similar length: shuffle, sort within windows of batch_size*bucket_factor,
-    cut into batches, shuffle the batches. Less padding, still random."""
-    order = list(range(len(lengths)))
-    generator.shuffle(order)
-    window = batch_size * bucket_factor
-    batches = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
-    generator.shuffle(batches)
-    return batches
 
 
 # -- splitting the backbone ---------------------------------------------------------------------
@@ -385,10 +371,9 @@ class RewardTrainer:
         if not train_pairs:
             raise ValueError("no training pairs: give at least one preference pair")
         if eval_pairs is None and cfg.eval_fraction > 0 and len(train_pairs) >= 10:
-            shuffled = train_pairs[:]
-            random.Random(cfg.seed).shuffle(shuffled)
-            n_eval = max(1, int(len(shuffled) * cfg.eval_fraction))
-            eval_pairs, train_pairs = shuffled[:n_eval], shuffled[n_eval:]
+            train_idx, eval_idx = held_out_indices(len(train_pairs), cfg.eval_fraction, random.Random(cfg.seed),
+                                                   rounding=int)
+            eval_pairs, train_pairs = [train_pairs[i] for i in eval_idx], [train_pairs[i] for i in train_idx]
         eval_pairs = list(eval_pairs or [])
 
         started = time.time()
@@ -428,7 +413,8 @@ class RewardTrainer:
             epoch, position = divmod(loop.step, steps_per_epoch)
             if position == 0 or loop.step == first_step:  # a new epoch (or the resumed one)
                 # the order depends only on (seed, epoch), so a resumed run replays the same batches
-                batches[:] = length_bucketed_batches(lengths, cfg.batch_size, random.Random(cfg.seed * 1000 + epoch))
+                batches[:] = length_bucketed_batches(lengths, cfg.batch_size, random.Random(cfg.seed * 1000 + epoch),
+                                                     chunk_batches=50)
                 seen.clear()
                 epoch_sums.update(loss=0.0, accuracy=0.0, steps=0)
                 self.model.train()

@@ -32,14 +32,14 @@ class RewardModelEvaluator(Evaluator):
     @classmethod
     def load(cls, path, device=None, **kwargs) -> "RewardModelEvaluator":
         """A reward-model directory as written by stage 2 / scripts/train_reward_model.py."""
-        from ....models import load_tokenizer
-        from ....models.heads import RewardModel
+        from src.models import load_tokenizer
+        from src.models.heads import RewardModel
 
         model = RewardModel.from_pretrained(path, device=device)
         return cls(model, load_tokenizer(path), **kwargs)
 
     def rewards(self, prompts: Sequence, responses: Sequence[str]) -> List[float]:
-        from ..reward_training import reward_scores  # lazy: the reward-training stack is only needed here
+        from ...training.reward_training import reward_scores  # lazy: the reward-training stack is only needed here
 
         return reward_scores(self.reward_model, self.tokenizer, prompts, responses, batch_size=self.batch_size,
                              max_length=self.max_length)

@@ -1,0 +1,352 @@
+"""PPO for language models: a policy, a separate per-token value model, a frozen reference and a
+reward model (Ouyang et al. 2022; the same recipe as TRL's PPOTrainer and OpenRLHF).
+
+One training step reads top to bottom (`train_step`):
+
+  1. rollout   sample answers with the shared `generation.generate`; then ONE batched forward per
+               model under inference_mode: the policy's log-probs of the sampled tokens (at the
+               sampling temperature), the reference's, the value model's per-token values and the
+               reward model's score at the last real token (plus, optionally, a judge term: below);
+  2. rewards   r_t = -beta * KL_t at every answer token, plus the (normalised) score at the last one;
+  3. GAE       advantages over answer tokens only (padding masked), whitened; returns = A + V;
+  4. update    several epochs over shuffled mini-batches: clipped policy ratio, clipped value loss,
+               separate AdamW optimisers and gradient clipping for policy and value.
+
+Optional judge term (`judge_reward=` hook, scaled by `PPOConfig.judge_reward_weight`, 0 = off): a
+callable (prompts, answers) -> (batch,) whose value is added to the raw reward-model score right after
+the rollout, *before* `normalise_scores` (so it is whitened, clipped and eos-penalised with it), as in
+rule-based rewards for safety (Mu et al. 2024); `judge_reward.RuleBasedReward` is a ready one.
+
+All the math lives in `rl_primitives` as pure functions. This file holds what is PPO's own: the
+config, the critic (its per-token values) and the step (GAE, clipped policy and value losses). The
+rollout, the frozen reference, reward scoring and the judge hook are `rl_rollout`'s components; the
+prompt sampler, update epochs, `train`, checkpoints and the guide's text helpers are
+`rl_trainer.OnlineRLTrainer`'s, shared with GRPO/RLOO/REINFORCE. The step loop, bad-step policy,
+Ctrl-C and the JSONL log are `training_loop.TrainingLoop`'s; `train_step` ends with the loop's
+`end_step`, so a step taken on its own counts and stops like one in `train`. Token alignment:
+with prompt width P (left-padded) and answer width R (right-padded), answer token t sits at column
+P + t and is *predicted* at column P - 1 + t; its log-prob and its value both come from that
+column (as in TRL: `values[:, P - 1:-1]`).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from src.models.heads import ValueModel
+
+from ..common import distributed as ddp
+from ..common import parallel
+from ..training.guarded_step import clip_and_step, finite_on_all_ranks
+from ..training.logprobs import sequence_logprobs
+from ..training.optim import LR_SCHEDULES
+from .primitives import (KL_ESTIMATORS, clipped_value_loss, compute_gae, conservative_kl_penalty,
+                         explained_variance, kl_penalty, masked_mean, masked_whiten, ppo_policy_loss)
+from .online_trainer import OnlineRLTrainer, PPOTrainingError
+from .rollout import Rollout, device_of, disable_dropout
+
+log = logging.getLogger(__name__)
+
+REWARD_NORMALIZATIONS = ("auto", "running", "model", "none")
+REF_UPDATES = ("none", "copy", "ema")
+
+
+@dataclass
+class PPOConfig:
+    """Everything PPOTrainer can be told. The guide's constructor arguments map onto the first fields.
+
+    Defaults follow TRL/OpenRLHF where the guide is silent. `gamma` defaults to 1.0 here (the
+    RLHF convention: the score arrives at the last token and should not be discounted by answer
+    length); the guide's constructor keeps its 0.99 default for compatibility.
+    """
+
+    # optimisation
+    learning_rate: float = 1e-5             # policy AdamW learning rate
+    value_learning_rate: Optional[float] = None  # value AdamW learning rate (None: learning_rate)
+    weight_decay: float = 0.0
+    adam_eps: float = 1e-8
+    lr_schedule: str = "constant"           # constant | linear | cosine, stepped once per PPO step
+    warmup_steps: int = 0
+    max_grad_norm: Optional[float] = 1.0    # policy gradient clipping (None: off)
+    value_max_grad_norm: Optional[float] = None  # value gradient clipping (None: max_grad_norm)
+    # PPO objective
+    clip_epsilon: float = 0.2               # policy ratio clip
+    value_clip: Optional[float] = 0.2       # value clip around the rollout values (None: plain MSE)
+    value_loss_coef: float = 0.5
+    entropy_coef: float = 0.0               # entropy bonus (0: off)
+    mini_batch_size: Optional[int] = None   # rows per update (None: the whole rollout batch)
+    early_stop_kl: Optional[float] = None   # stop the epochs once approx KL(old||new) exceeds this
+    conservative_kl_coef: float = 0.0       # coef * max(0, KL(pi||ref) - threshold)^2 in the loss
+    conservative_kl_threshold: float = 0.05  # per-token KL (k3) threshold for that penalty
+    # advantages
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    whiten_advantages: bool = True
+    whiten_rewards: bool = False            # TRL's option: rescale per-token rewards (mean kept)
+    # rewards and KL
+    kl_penalty: float = 0.1                 # beta, the (initial) KL coefficient
+    kl_estimator: str = "k1"                # k1 | k3 | abs | mse, per token in the reward
+    adaptive_kl: bool = False               # Ziegler et al. adaptive beta
+    target_kl: float = 6.0                  # target KL per answer (nats), adaptive only
+    kl_horizon: int = 10000                 # adaptive only
+    reward_normalization: str = "auto"      # auto (model's stats if saved, else running) | running | model | none
+    score_clip: Optional[float] = None      # clip the normalised score to [-c, c]
+    missing_eos_penalty: Optional[float] = None  # subtracted from the normalised score of answers cut by the length limit
+    judge_reward_weight: float = 0.0        # scale of the `judge_reward` hook's term added to the raw score (0: off)
+    # generation
+    max_prompt_tokens: int = 512
+    system_prompt: Optional[str] = None
+    reward_max_tokens: int = 1024           # re-tokenised reward inputs are cut from the left to this
+    # models and memory
+    ref_update: str = "none"                # none | copy | ema: refresh the reference every ref_update_every steps
+    ref_update_every: int = 0
+    ref_ema_alpha: float = 0.99             # ema: ref <- alpha * ref + (1 - alpha) * policy
+    offload_frozen_to_cpu: bool = False     # keep reference and reward model on CPU
+    share_reward_and_reference: bool = False  # one frozen backbone for both (see docs/ppo.md)
+    gradient_checkpointing: bool = False
+    lora_r: int = 0                         # LoRA rank on the policy (0: full fine-tuning); the reference is
+                                            # then the policy with its adapters off, not a copy (src/models/lora.py)
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0               # (disable_dropout also turns this off)
+    lora_target_modules: Optional[List[str]] = None  # None: every Linear but the LM head
+    disable_dropout: bool = True            # dropout would make old/new log-probs differ at ratio 1
+    distributed: str = "auto"               # auto | ddp | none: the data-parallel engine under torchrun (parallel.py);
+                                            # fsdp is not supported for online RL yet (generation needs full weights)
+    # bookkeeping
+    max_bad_steps: int = 3                  # steps in a row with a non-finite loss/grad tolerated (training_loop)
+    seed: int = 0                           # prompt sampling and mini-batch shuffling
+    keep_last_checkpoints: int = 3
+    log_file: Optional[str] = None          # append each step's metrics here as JSON lines
+
+    def __post_init__(self):
+        def need(ok, name, what):
+            if not ok:
+                raise ValueError(f"PPOConfig.{name} {what}, got {getattr(self, name)!r}")
+        need(self.learning_rate > 0, "learning_rate", "must be > 0")
+        need(self.clip_epsilon > 0, "clip_epsilon", "must be > 0")
+        need(self.value_clip is None or self.value_clip > 0, "value_clip", "must be > 0 or None")
+        need(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]")
+        need(0 <= self.gae_lambda <= 1, "gae_lambda", "must be in [0, 1]")
+        need(self.kl_penalty >= 0, "kl_penalty", "must be >= 0")
+        need(self.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"must be one of {KL_ESTIMATORS}")
+        need(self.reward_normalization in REWARD_NORMALIZATIONS, "reward_normalization",
+             f"must be one of {REWARD_NORMALIZATIONS}")
+        need(self.ref_update in REF_UPDATES, "ref_update", f"must be one of {REF_UPDATES}")
+        need(self.ref_update == "none" or self.ref_update_every > 0, "ref_update_every",
+             "must be > 0 when ref_update is 'copy' or 'ema'")
+        need(0 <= self.ref_ema_alpha <= 1, "ref_ema_alpha", "must be in [0, 1]")
+        need(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {LR_SCHEDULES}")
+        need(self.mini_batch_size is None or self.mini_batch_size >= 1, "mini_batch_size", "must be >= 1")
+        need(self.max_bad_steps >= 0, "max_bad_steps", "must be >= 0")
+        parallel.check_mode(self.distributed, f"{type(self).__name__}.distributed")
+        if self.distributed == "fsdp":
+            raise ValueError(f"{type(self).__name__}.distributed='fsdp' is not supported for online RL "
+                             "(PPO, GRPO/RLOO/REINFORCE) yet: generating the rollouts needs the full weights on "
+                             "every rank. Use distributed='ddp' (or 'auto'), with lora_r and gradient_checkpointing "
+                             "to save memory")
+        need(self.target_kl > 0, "target_kl", "must be > 0")
+        need(math.isfinite(self.judge_reward_weight), "judge_reward_weight", "must be a finite number (0: off)")
+        need(self.lora_r >= 0, "lora_r", "must be >= 0 (0: no LoRA)")
+        need(not (self.lora_r and self.ref_update != "none"), "ref_update",
+             "must be 'none' with LoRA (the reference is the policy's frozen base weights)")
+        need(not (self.share_reward_and_reference and self.ref_update != "none"), "ref_update",
+             "must be 'none' with share_reward_and_reference (the shared backbone is the reward model's)")
+
+
+# The guide's constructor arguments, in its order, with its defaults.
+_GUIDE_DEFAULTS = {"learning_rate": 1e-5, "clip_epsilon": 0.2, "kl_penalty": 0.1, "gamma": 0.99,
+                   "gae_lambda": 0.95, "value_loss_coef": 0.5, "max_grad_norm": 1.0}
+
+
+class PPOTrainer(OnlineRLTrainer):
+    """PPO with a value model, a frozen reference, GAE, per-token KL rewards and exact-resume checkpoints.
+
+    Positional arguments follow the guide: (policy_model, value_model, reward_model, tokenizer,
+    device, learning_rate, clip_epsilon, kl_penalty, gamma, gae_lambda, value_loss_coef,
+    max_grad_norm). With `config=PPOConfig(...)` its fields are used, except that any of the guide's
+    arguments given with a value other than its default overrides the config field of that name.
+
+    `value_model=None` builds a `ValueModel` on a copy of the policy's backbone. `ref_model=None`
+    deep-copies the initial policy (once). `reward_tokenizer` is needed when the reward model reads
+    a different vocabulary: its inputs are then rebuilt from the decoded text.
+
+    `judge_reward` (keyword-only): a callable (prompt_texts, answer_texts) -> tensor (batch,), e.g.
+    `judge_reward.RuleBasedReward`; `config.judge_reward_weight` times its value is added to each raw
+    reward-model score before normalisation. Off unless both are given (weight 0 = never called).
+    """
+
+    def __init__(self, policy_model: nn.Module, value_model: Optional[nn.Module], reward_model: nn.Module,
+                 tokenizer, device: Union[str, torch.device, None] = None, learning_rate: float = 1e-5,
+                 clip_epsilon: float = 0.2, kl_penalty: float = 0.1, gamma: float = 0.99,
+                 gae_lambda: float = 0.95, value_loss_coef: float = 0.5, max_grad_norm: float = 1.0,
+                 config: Optional[PPOConfig] = None, ref_model: Optional[nn.Module] = None,
+                 reward_tokenizer=None, *, judge_reward: Optional[Callable[[List[str], List[str]], Any]] = None):
+        guide_args = dict(learning_rate=learning_rate, clip_epsilon=clip_epsilon, kl_penalty=kl_penalty,
+                          gamma=gamma, gae_lambda=gae_lambda, value_loss_coef=value_loss_coef,
+                          max_grad_norm=max_grad_norm)
+        if config is None:
+            config = PPOConfig(**guide_args)
+        else:
+            overrides = {k: v for k, v in guide_args.items() if v != _GUIDE_DEFAULTS[k]}
+            config = PPOConfig(**{**asdict(config), **overrides})
+        if value_model is None:  # the critic copies the policy's backbone before any LoRA adapter is added
+            policy_model = policy_model.to(torch.device(device) if device is not None else device_of(policy_model))
+            value_model = ValueModel.from_causal_lm(policy_model, device=device_of(policy_model))
+        super().__init__(policy_model, value_model, reward_model, tokenizer, device, config, ref_model=ref_model,
+                         reward_tokenizer=reward_tokenizer, judge_reward=judge_reward)
+
+    def _token_values(self, input_ids, attention_mask, prompt_width, response_len, value_model=None) -> torch.Tensor:
+        """Values aligned with answer tokens: column P-1+t for token t. (batch, R). `value_model`: the model
+        to call (a training forward passes a `Parallel`'s `Forward` model); default the plain critic."""
+        value_model = self.value_model if value_model is None else value_model
+        if hasattr(value_model, "token_scores"):
+            per_position = value_model.token_scores(input_ids, attention_mask)
+        else:
+            per_position = value_model(input_ids, attention_mask)
+            per_position = getattr(per_position, "logits", per_position)
+            if per_position.dim() == 3 and per_position.shape[-1] == 1:
+                per_position = per_position.squeeze(-1)
+            if per_position.dim() != 2:
+                raise TypeError("the value model must return one value per token (batch, seq); a model that "
+                                "scores only the last token cannot give per-token values for GAE. Use "
+                                "src.models.ValueModel (ValueModel.from_causal_lm(policy)).")
+        return per_position[:, prompt_width - 1:prompt_width - 1 + response_len].float()
+
+    def rollout(self, prompts: Sequence, max_new_tokens: int = 150, temperature: float = 1.0) -> Rollout:
+        """Sample answers and score them: one batched forward per model (the critic's too), under inference_mode."""
+        self.value_model.eval()
+        return self.rollouts.collect(prompts, max_new_tokens, temperature, values=self._token_values)
+
+    # -- the step ----------------------------------------------------------------------------
+    def train_step(self, prompts: Sequence, num_epochs_per_batch: int = 4, max_length: int = 150,
+                   temperature: float = 1.0) -> Dict[str, float]:
+        """One PPO iteration on `prompts` (a batch). `max_length` = max new tokens per answer."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        rollout = self.rollout(prompts, max_new_tokens=max_length, temperature=temperature)
+        t_rollout = time.perf_counter() - t0
+        mask = rollout.mask
+        batch = mask.shape[0]
+
+        # rewards, GAE (no gradients anywhere here)
+        scores = self.normalise_scores(rollout.total_scores, rollout.finished)  # RM score + judge term
+        rewards, kl = self.compute_token_rewards(rollout, scores)
+        advantages, returns = compute_gae(rewards, rollout.values, mask, cfg.gamma, cfg.gae_lambda)
+        raw_advantage_mean = masked_mean(advantages, mask).item()
+        if cfg.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        rollout_finite = ddp.all_true(all(torch.isfinite(t).all() for t in (rewards, advantages, returns)))
+
+        # update epochs over shuffled mini-batches
+        self.policy.train()
+        self.value_model.train()
+        acc, skipped, epochs_done = self._update_epochs(
+            batch, num_epochs_per_batch, rollout_finite,
+            lambda idx: self._update_minibatch(rollout, idx, advantages[idx], returns[idx], temperature))
+        self.policy.eval()
+        self.value_model.eval()
+
+        beta_used, kl_per_answer = self._close_update(rollout, mask, batch)
+        self._maybe_update_reference(self.step + 1)
+
+        mean = lambda k: float(sum(acc[k]) / len(acc[k])) if acc.get(k) else float("nan")  # noqa: E731
+        stats = {
+            "step": self.step + 1,
+            "policy_loss": mean("policy_loss"),
+            "value_loss": mean("value_loss"),
+            "kl_divergence": kl_per_answer.mean().item(),   # nats per answer, k1, rollout vs reference
+            "kl_per_token": masked_mean(kl_penalty(rollout.logprobs, rollout.ref_logprobs, "k1"), mask).item(),
+            "mean_reward": (scores - beta_used * (kl * mask).sum(1)).mean().item(),  # score - beta*KL, per answer
+            "mean_score": rollout.scores.mean().item(),      # raw reward-model score
+            **self._judge_metrics(rollout),                  # judge_reward, when the hook is on
+            "mean_normalized_score": scores.mean().item(),   # of RM score + judge term
+            "mean_advantage": raw_advantage_mean,
+            "approx_kl": mean("approx_kl"),
+            "clipfrac": mean("clipfrac"),
+            "value_clipfrac": mean("vf_clipfrac"),
+            "ratio_mean": mean("ratio_mean"),
+            "ratio_max": max(acc.get("ratio_max", [float("nan")])),
+            "ratio_min": min(acc.get("ratio_min", [float("nan")])),
+            "entropy": mean("entropy"),
+            "explained_variance": explained_variance(rollout.values, returns, mask),
+            "policy_grad_norm": mean("policy_grad_norm"),
+            "value_grad_norm": mean("value_grad_norm"),
+            **self._step_bookkeeping(rollout, beta_used, epochs_done, skipped, t_rollout, t0),
+        }
+        return self._record_step(stats, rollout, skipped)
+
+    def _update_minibatch(self, rollout: Rollout, idx, advantages, returns, temperature) -> Optional[Dict[str, float]]:
+        """One gradient step on policy and value. Returns None (and changes nothing) if not finite."""
+        cfg = self.config
+        P, R = rollout.prompt_width, rollout.mask.shape[1]
+        ids, attn, mask = rollout.input_ids[idx], rollout.attention_mask[idx], rollout.mask[idx]
+        old_logprobs, ref_logprobs, old_values = rollout.logprobs[idx], rollout.ref_logprobs[idx], rollout.values[idx]
+
+        # the training forwards go through the engines (DDP reduces the gradients in backward())
+        new_logprobs, entropy = self.policy_parallel(
+            lambda m: sequence_logprobs(m, ids, attn, R, temperature, return_entropy=True,
+                                        entropy_grad=bool(cfg.entropy_coef)))
+        pg_loss, metrics = ppo_policy_loss(new_logprobs, old_logprobs, advantages, mask, cfg.clip_epsilon)
+        entropy_mean = masked_mean(entropy if cfg.entropy_coef else entropy.detach(), mask)
+        policy_loss = pg_loss - cfg.entropy_coef * entropy_mean
+        if cfg.conservative_kl_coef:
+            kl_ref = masked_mean(kl_penalty(new_logprobs, ref_logprobs, "k3"), mask)
+            policy_loss = policy_loss + conservative_kl_penalty(kl_ref, cfg.conservative_kl_threshold,
+                                                                cfg.conservative_kl_coef)
+        values = self.value_parallel(lambda m: self._token_values(ids, attn, P, R, value_model=m))
+        vf_loss, vf_metrics = clipped_value_loss(values, old_values, returns, mask, cfg.value_clip)
+        value_loss = cfg.value_loss_coef * vf_loss
+
+        self.policy_optimizer.zero_grad(set_to_none=True)
+        self.value_optimizer.zero_grad(set_to_none=True)
+        if not finite_on_all_ranks(policy_loss, value_loss):
+            log.warning("step %d: non-finite loss (policy %s, value %s); update skipped",
+                        self.step + 1, policy_loss.item(), value_loss.item())
+            return None
+        policy_loss.backward()
+        value_loss.backward()
+        v_max = cfg.value_max_grad_norm if cfg.value_max_grad_norm is not None else cfg.max_grad_norm
+        (p_norm, v_norm), stepped = clip_and_step([(self.policy, self.policy_optimizer, cfg.max_grad_norm),
+                                                   (self.value_model, self.value_optimizer, v_max)])
+        if not stepped:
+            log.warning("step %d: non-finite gradient norm (policy %s, value %s); update skipped",
+                        self.step + 1, p_norm, v_norm)
+            return None
+        return {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), "entropy": entropy_mean.item(),
+                "policy_grad_norm": p_norm, "value_grad_norm": v_norm, **metrics, **vf_metrics}
+
+    # -- the guide's helper API (the rest is OnlineRLTrainer's) ------------------------------
+    def compute_gae(self, rewards: torch.Tensor, values: torch.Tensor, dones: Optional[torch.Tensor] = None,
+                    mask: Optional[torch.Tensor] = None):
+        """(advantages, returns) with the trainer's gamma/lambda. `mask` marks real tokens; `dones`
+        (1 at a sequence's last step) is accepted too: steps after the first done are treated as padding."""
+        if mask is None:
+            if dones is None:
+                mask = torch.ones_like(rewards)
+            else:
+                done = dones.float()
+                mask = ((done.cumsum(-1) - done) == 0).float()
+        return compute_gae(rewards, values, mask, self.config.gamma, self.config.gae_lambda)
+
+    def compute_ppo_loss(self, old_logprobs: torch.Tensor, new_logprobs: torch.Tensor, advantages: torch.Tensor,
+                         mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Clipped surrogate loss (to minimise). Metrics of the last call are in `self.last_loss_metrics`."""
+        mask = mask if mask is not None else torch.ones_like(new_logprobs)
+        loss, self.last_loss_metrics = ppo_policy_loss(new_logprobs, old_logprobs.detach(), advantages.detach(),
+                                                       mask, self.config.clip_epsilon)
+        return loss
+
+    @torch.no_grad()
+    def compute_values(self, prompts, responses) -> torch.Tensor:
+        """Value of the state before each answer token. (batch, R), padding 0."""
+        ids, attn, P, mask, _ = self._encode(prompts, responses)
+        return self._token_values(ids, attn, P, mask.shape[1]) * mask
+
+
+__all__ = ["PPOConfig", "PPOTrainer", "PPOTrainingError", "Rollout", "disable_dropout"]
