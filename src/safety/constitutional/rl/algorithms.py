@@ -5,7 +5,7 @@
     trainer.train(prompts, num_steps=..., batch_size=..., num_epochs_per_batch=..., max_length=...,
                   temperature=..., checkpoint_dir=..., checkpoint_freq=..., resume_from=...)
 
-Every trainer it returns is an `rl_trainer.OnlineRLTrainer` (PPO with a critic, the others
+Every trainer it returns is an `rl.online_trainer.OnlineRLTrainer` (PPO with a critic, the others
 without): one `train(...)` signature and checkpoint format. DPO is
 offline (preference pairs, no rollouts) and lives in `dpo.py`.
 """
@@ -17,6 +17,7 @@ from typing import Mapping, Optional, Union
 from torch import nn
 
 from .online_trainer import OnlineRLTrainer
+from .online_trainer import OnlineRLConfig
 from .policy_gradient import CONFIG_CLASSES, PolicyGradientTrainer
 from .ppo_trainer import PPOConfig, PPOTrainer
 
@@ -24,11 +25,12 @@ RL_ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce")
 CONFIG_FOR = {"ppo": PPOConfig, **CONFIG_CLASSES}
 
 
-def make_config(algorithm: str, config: Union[None, Mapping, PPOConfig] = None):
+def make_config(algorithm: str, config: Union[None, Mapping, OnlineRLConfig] = None):
     """The algorithm's config dataclass from None (its defaults), a dict of fields, or a config object.
 
     A config of another algorithm's class is converted field by field (fields the target lacks are
-    dropped; its own defaults fill the rest), so a `PPOConfig` from a YAML file can drive GRPO.
+    dropped; its own defaults fill the rest), so a `PPOConfig` from a YAML file can drive GRPO (less
+    its critic fields).
     """
     if algorithm not in RL_ALGORITHMS:
         raise ValueError(f"unknown RL algorithm {algorithm!r}; choose one of {RL_ALGORITHMS}")
@@ -51,7 +53,7 @@ def make_config(algorithm: str, config: Union[None, Mapping, PPOConfig] = None):
 
 
 def make_rl_trainer(algorithm: str, policy: nn.Module, tokenizer, reward_model: nn.Module, device=None,
-                    config: Union[None, Mapping, PPOConfig] = None, value_model: Optional[nn.Module] = None,
+                    config: Union[None, Mapping, OnlineRLConfig] = None, value_model: Optional[nn.Module] = None,
                     ref_model: Optional[nn.Module] = None, reward_tokenizer=None, judge_reward=None) -> OnlineRLTrainer:
     """A trainer for "ppo" | "grpo" | "rloo" | "reinforce" with a shared `train(...)` signature.
 

@@ -5,10 +5,10 @@
 
 One step: a batch of pairs becomes one (2B, P + R) token batch (chosen rows, then rejected rows;
 prompt left-padded, answer right-padded, the layout every stage uses), the shared
-`logprobs.sequence_logprobs` gives the policy's answer log-probs, and `rl_primitives.dpo_loss`
+`logprobs.sequence_logprobs` gives the policy's answer log-probs, and `rl.primitives.dpo_loss`
 compares them with the reference's. The reference's log-probs are computed ONCE for every pair,
 under inference_mode, before training; the reference is then released if this trainer made it.
-The step loop, bad-step policy, Ctrl-C, checkpoints and logs are `training_loop.TrainingLoop`'s;
+The step loop, bad-step policy, Ctrl-C, checkpoints and logs are `training.loop.TrainingLoop`'s;
 checkpoints resume exactly (same weights as an uninterrupted run).
 Under torchrun each rank takes its block of every batch and gradients are averaged (`guarded_step`),
 so the weights equal one process's on the whole batch; rank 0 writes.
@@ -66,7 +66,7 @@ class DPOConfig:
     checkpoint_dir: Optional[str] = None
     checkpoint_every: int = 0              # steps between checkpoints (0: only at the end, if a dir is set)
     keep_last_checkpoints: int = 3
-    max_bad_steps: int = 3                 # bad (non-finite) steps in a row tolerated (training_loop)
+    max_bad_steps: int = 3                 # bad (non-finite) steps in a row tolerated (training/loop.py)
     disable_dropout: bool = True
     seed: int = 0
     log_file: Optional[str] = None

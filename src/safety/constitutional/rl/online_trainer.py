@@ -2,10 +2,10 @@
 (without one) are both `OnlineRLTrainer`s; each file adds only its advantages and its update.
 
 `OnlineRLTrainer` composes:
-  - the rollout components of `rl_rollout` (`self.scorer`: reward model, judge term, normalisation;
+  - the rollout components of `rl.rollout` (`self.scorer`: reward model, judge term, normalisation;
     `self.reference`: the frozen reference in its three modes; `self.rollouts`: generation and the
     frozen forwards);
-  - `training_loop.TrainingLoop` (`self.loop`: steps, bad-step policy, Ctrl-C, checkpoint cadence);
+  - `training.loop.TrainingLoop` (`self.loop`: steps, bad-step policy, Ctrl-C, checkpoint cadence);
 and holds what is the same for every algorithm: the policy (LoRA, dropout off, gradient
 checkpointing), its AdamW and schedule, the optional critic's (`value_model`: None without one),
 the KL controller, the seeded prompt sampler (prompts and mini-batch order), `train(...)`, the update
@@ -18,8 +18,9 @@ always had, so default training numbers do not depend on this split.
 from __future__ import annotations
 
 import logging
+import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -32,13 +33,114 @@ from src.models.lora import add_lora
 from ..common import distributed as ddp
 from ..common import parallel
 from ..training.logprobs import sequence_logprobs
-from ..training.optim import adamw, lr_scheduler
-from .primitives import AdaptiveKLController, FixedKLController, kl_penalty, masked_mean
+from ..training.loop import LoopCounters, TrainingError, TrainingLoop, load_models, recent_means
+from ..training.optim import LR_SCHEDULES, adamw, lr_scheduler
+from .primitives import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_penalty, masked_mean
 from .rollout import (FrozenReference, RewardScorer, Rollout, RolloutCollector, device_of, disable_dropout,
                       kl_shaped_rewards)
-from ..training.loop import LoopCounters, TrainingError, TrainingLoop, load_models, recent_means
 
 log = logging.getLogger(__name__)
+
+
+REWARD_NORMALIZATIONS = ("auto", "running", "model", "none")
+REF_UPDATES = ("none", "copy", "ema")
+
+
+@dataclass
+class OnlineRLConfig:
+    """What every online RL trainer can be told: optimisation, KL, reward scoring, reference,
+    memory and bookkeeping. `PPOConfig` adds its critic's fields, `PolicyGradientConfig` the
+    critic-free algorithms' (group size, loss form, KL in the loss).
+
+    Defaults follow TRL/OpenRLHF where the guide is silent. `gamma` defaults to 1.0 here (the
+    RLHF convention: the score arrives at the last token and should not be discounted by answer
+    length); the guide's constructor keeps its 0.99 default for compatibility.
+    """
+
+    # optimisation
+    learning_rate: float = 1e-5             # policy AdamW learning rate
+    weight_decay: float = 0.0
+    adam_eps: float = 1e-8
+    lr_schedule: str = "constant"           # constant | linear | cosine, stepped once per PPO step
+    warmup_steps: int = 0
+    max_grad_norm: Optional[float] = 1.0    # policy gradient clipping (None: off)
+    # PPO objective
+    clip_epsilon: float = 0.2               # policy ratio clip
+    entropy_coef: float = 0.0               # entropy bonus (0: off)
+    mini_batch_size: Optional[int] = None   # rows per update (None: the whole rollout batch)
+    early_stop_kl: Optional[float] = None   # stop the epochs once approx KL(old||new) exceeds this
+    conservative_kl_coef: float = 0.0       # coef * max(0, KL(pi||ref) - threshold)^2 in the loss
+    conservative_kl_threshold: float = 0.05  # per-token KL (k3) threshold for that penalty
+    # advantages
+    gamma: float = 1.0
+    whiten_advantages: bool = True
+    whiten_rewards: bool = False            # TRL's option: rescale per-token rewards (mean kept)
+    # rewards and KL
+    kl_penalty: float = 0.1                 # beta, the (initial) KL coefficient
+    kl_estimator: str = "k1"                # k1 | k3 | abs | mse, per token in the reward
+    adaptive_kl: bool = False               # Ziegler et al. adaptive beta
+    target_kl: float = 6.0                  # target KL per answer (nats), adaptive only
+    kl_horizon: int = 10000                 # adaptive only
+    reward_normalization: str = "auto"      # auto (model's stats if saved, else running) | running | model | none
+    score_clip: Optional[float] = None      # clip the normalised score to [-c, c]
+    missing_eos_penalty: Optional[float] = None  # subtracted from the normalised score of answers cut by the length limit
+    judge_reward_weight: float = 0.0        # scale of the `judge_reward` hook's term added to the raw score (0: off)
+    # generation
+    max_prompt_tokens: int = 512
+    system_prompt: Optional[str] = None
+    reward_max_tokens: int = 1024           # re-tokenised reward inputs are cut from the left to this
+    # models and memory
+    ref_update: str = "none"                # none | copy | ema: refresh the reference every ref_update_every steps
+    ref_update_every: int = 0
+    ref_ema_alpha: float = 0.99             # ema: ref <- alpha * ref + (1 - alpha) * policy
+    offload_frozen_to_cpu: bool = False     # keep reference and reward model on CPU
+    share_reward_and_reference: bool = False  # one frozen backbone for both (see docs/ppo.md)
+    gradient_checkpointing: bool = False
+    lora_r: int = 0                         # LoRA rank on the policy (0: full fine-tuning); the reference is
+                                            # then the policy with its adapters off, not a copy (src/models/lora.py)
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0               # (disable_dropout also turns this off)
+    lora_target_modules: Optional[List[str]] = None  # None: every Linear but the LM head
+    disable_dropout: bool = True            # dropout would make old/new log-probs differ at ratio 1
+    distributed: str = "auto"               # auto | ddp | none: the data-parallel engine under torchrun (parallel.py);
+                                            # fsdp is not supported for online RL yet (generation needs full weights)
+    # bookkeeping
+    max_bad_steps: int = 3                  # steps in a row with a non-finite loss/grad tolerated (training/loop.py)
+    seed: int = 0                           # prompt sampling and mini-batch shuffling
+    keep_last_checkpoints: int = 3
+    log_file: Optional[str] = None          # append each step's metrics here as JSON lines
+
+    def __post_init__(self):
+        def need(ok, name, what):
+            if not ok:
+                raise ValueError(f"{type(self).__name__}.{name} {what}, got {getattr(self, name)!r}")
+        need(self.learning_rate > 0, "learning_rate", "must be > 0")
+        need(self.clip_epsilon > 0, "clip_epsilon", "must be > 0")
+        need(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]")
+        need(self.kl_penalty >= 0, "kl_penalty", "must be >= 0")
+        need(self.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"must be one of {KL_ESTIMATORS}")
+        need(self.reward_normalization in REWARD_NORMALIZATIONS, "reward_normalization",
+             f"must be one of {REWARD_NORMALIZATIONS}")
+        need(self.ref_update in REF_UPDATES, "ref_update", f"must be one of {REF_UPDATES}")
+        need(self.ref_update == "none" or self.ref_update_every > 0, "ref_update_every",
+             "must be > 0 when ref_update is 'copy' or 'ema'")
+        need(0 <= self.ref_ema_alpha <= 1, "ref_ema_alpha", "must be in [0, 1]")
+        need(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {LR_SCHEDULES}")
+        need(self.mini_batch_size is None or self.mini_batch_size >= 1, "mini_batch_size", "must be >= 1")
+        need(self.max_bad_steps >= 0, "max_bad_steps", "must be >= 0")
+        parallel.check_mode(self.distributed, f"{type(self).__name__}.distributed")
+        if self.distributed == "fsdp":
+            raise ValueError(f"{type(self).__name__}.distributed='fsdp' is not supported for online RL "
+                             "(PPO, GRPO/RLOO/REINFORCE) yet: generating the rollouts needs the full weights on "
+                             "every rank. Use distributed='ddp' (or 'auto'), with lora_r and gradient_checkpointing "
+                             "to save memory")
+        need(self.target_kl > 0, "target_kl", "must be > 0")
+        need(math.isfinite(self.judge_reward_weight), "judge_reward_weight", "must be a finite number (0: off)")
+        need(self.lora_r >= 0, "lora_r", "must be >= 0 (0: no LoRA)")
+        need(not (self.lora_r and self.ref_update != "none"), "ref_update",
+             "must be 'none' with LoRA (the reference is the policy's frozen base weights)")
+        need(not (self.share_reward_and_reference and self.ref_update != "none"), "ref_update",
+             "must be 'none' with share_reward_and_reference (the shared backbone is the reward model's)")
 
 
 class PPOTrainingError(TrainingError):
@@ -47,8 +149,9 @@ class PPOTrainingError(TrainingError):
 
 
 class OnlineRLTrainer(LoopCounters):
-    """The shared part of PPO and GRPO/RLOO/REINFORCE (module docstring). `config` is a `PPOConfig`
-    (or a subclass); `value_model` is the critic, or None for the critic-free algorithms."""
+    """The shared part of PPO and GRPO/RLOO/REINFORCE (module docstring). `config` is an
+    `OnlineRLConfig` (`PPOConfig` with a critic, `PolicyGradientConfig` without); `value_model` is the
+    critic, or None for the critic-free algorithms."""
 
     def __init__(self, policy_model: nn.Module, value_model: Optional[nn.Module], reward_model: nn.Module,
                  tokenizer, device, config, ref_model: Optional[nn.Module] = None, reward_tokenizer=None,

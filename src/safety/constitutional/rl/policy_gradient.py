@@ -1,8 +1,8 @@
 """Critic-free policy-gradient trainers: GRPO, RLOO and REINFORCE.
 
-`PolicyGradientTrainer` is an `rl_trainer.OnlineRLTrainer` without a critic, as `PPOTrainer` is one
+`PolicyGradientTrainer` is an `rl.online_trainer.OnlineRLTrainer` without a critic, as `PPOTrainer` is one
 with a critic: both take the rollout, the frozen/moving reference and reward scoring from the
-`rl_rollout` components, and the prompt sampler, LR schedule, update epochs, checkpoints (exact
+`rl.rollout` components, and the prompt sampler, LR schedule, update epochs, checkpoints (exact
 resume), history and non-finite-step handling from `OnlineRLTrainer`. What is their own is one step
 (`train_step`):
 
@@ -37,11 +37,10 @@ from torch import nn
 from ..common import distributed as ddp
 from ..training.guarded_step import clip_and_step, finite_on_all_ranks
 from ..training.logprobs import sequence_logprobs
-from .ppo_trainer import PPOConfig
+from .online_trainer import OnlineRLConfig, OnlineRLTrainer
 from .primitives import (conservative_kl_penalty, discounted_returns, group_advantages,
                          importance_sampling_loss, kl_penalty, masked_mean, masked_whiten,
                          policy_gradient_loss, ppo_policy_loss, rloo_baseline)
-from .online_trainer import OnlineRLTrainer
 from .rollout import Rollout
 
 log = logging.getLogger(__name__)
@@ -51,8 +50,8 @@ PG_ALGORITHMS = ("grpo", "rloo", "reinforce")
 
 
 @dataclass
-class PolicyGradientConfig(PPOConfig):
-    """PPOConfig plus the critic-free fields. PPO's value/GAE fields (value_*, gae_lambda) are unused.
+class PolicyGradientConfig(OnlineRLConfig):
+    """The shared online-RL fields (`OnlineRLConfig`) plus the critic-free algorithms' own; no critic fields.
 
     `kl_penalty` (beta) is the KL coefficient *in the reward*; `kl_loss_coef` the one *in the loss*.
     The reference is static (`ref_update="none"`), periodic (`"copy"` every `ref_update_every`

@@ -17,12 +17,12 @@ callable (prompts, answers) -> (batch,) whose value is added to the raw reward-m
 the rollout, *before* `normalise_scores` (so it is whitened, clipped and eos-penalised with it), as in
 rule-based rewards for safety (Mu et al. 2024); `judge_reward.RuleBasedReward` is a ready one.
 
-All the math lives in `rl_primitives` as pure functions. This file holds what is PPO's own: the
+All the math lives in `rl.primitives` as pure functions. This file holds what is PPO's own: the
 config, the critic (its per-token values) and the step (GAE, clipped policy and value losses). The
-rollout, the frozen reference, reward scoring and the judge hook are `rl_rollout`'s components; the
+rollout, the frozen reference, reward scoring and the judge hook are `rl.rollout`'s components; the
 prompt sampler, update epochs, `train`, checkpoints and the guide's text helpers are
-`rl_trainer.OnlineRLTrainer`'s, shared with GRPO/RLOO/REINFORCE. The step loop, bad-step policy,
-Ctrl-C and the JSONL log are `training_loop.TrainingLoop`'s; `train_step` ends with the loop's
+`rl.online_trainer.OnlineRLTrainer`'s, shared with GRPO/RLOO/REINFORCE. The step loop, bad-step policy,
+Ctrl-C and the JSONL log are `training.loop.TrainingLoop`'s; `train_step` ends with the loop's
 `end_step`, so a step taken on its own counts and stops like one in `train`. Token alignment:
 with prompt width P (left-padded) and answer width R (right-padded), answer token t sits at column
 P + t and is *predicted* at column P - 1 + t; its log-prob and its value both come from that
@@ -31,7 +31,6 @@ column (as in TRL: `values[:, P - 1:-1]`).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
@@ -45,118 +44,31 @@ from ..common import distributed as ddp
 from ..common import parallel
 from ..training.guarded_step import clip_and_step, finite_on_all_ranks
 from ..training.logprobs import sequence_logprobs
-from ..training.optim import LR_SCHEDULES
-from .primitives import (KL_ESTIMATORS, clipped_value_loss, compute_gae, conservative_kl_penalty,
+from .online_trainer import OnlineRLConfig, OnlineRLTrainer, PPOTrainingError
+from .primitives import (clipped_value_loss, compute_gae, conservative_kl_penalty,
                          explained_variance, kl_penalty, masked_mean, masked_whiten, ppo_policy_loss)
-from .online_trainer import OnlineRLTrainer, PPOTrainingError
 from .rollout import Rollout, device_of, disable_dropout
 
 log = logging.getLogger(__name__)
 
-REWARD_NORMALIZATIONS = ("auto", "running", "model", "none")
-REF_UPDATES = ("none", "copy", "ema")
-
-
 @dataclass
-class PPOConfig:
-    """Everything PPOTrainer can be told. The guide's constructor arguments map onto the first fields.
+class PPOConfig(OnlineRLConfig):
+    """Everything PPOTrainer can be told: the shared online-RL fields (`OnlineRLConfig`) and the
+    critic's. The guide's constructor arguments map onto fields of the same names."""
 
-    Defaults follow TRL/OpenRLHF where the guide is silent. `gamma` defaults to 1.0 here (the
-    RLHF convention: the score arrives at the last token and should not be discounted by answer
-    length); the guide's constructor keeps its 0.99 default for compatibility.
-    """
-
-    # optimisation
-    learning_rate: float = 1e-5             # policy AdamW learning rate
+    # the critic (value model) and GAE
     value_learning_rate: Optional[float] = None  # value AdamW learning rate (None: learning_rate)
-    weight_decay: float = 0.0
-    adam_eps: float = 1e-8
-    lr_schedule: str = "constant"           # constant | linear | cosine, stepped once per PPO step
-    warmup_steps: int = 0
-    max_grad_norm: Optional[float] = 1.0    # policy gradient clipping (None: off)
     value_max_grad_norm: Optional[float] = None  # value gradient clipping (None: max_grad_norm)
-    # PPO objective
-    clip_epsilon: float = 0.2               # policy ratio clip
     value_clip: Optional[float] = 0.2       # value clip around the rollout values (None: plain MSE)
     value_loss_coef: float = 0.5
-    entropy_coef: float = 0.0               # entropy bonus (0: off)
-    mini_batch_size: Optional[int] = None   # rows per update (None: the whole rollout batch)
-    early_stop_kl: Optional[float] = None   # stop the epochs once approx KL(old||new) exceeds this
-    conservative_kl_coef: float = 0.0       # coef * max(0, KL(pi||ref) - threshold)^2 in the loss
-    conservative_kl_threshold: float = 0.05  # per-token KL (k3) threshold for that penalty
-    # advantages
-    gamma: float = 1.0
     gae_lambda: float = 0.95
-    whiten_advantages: bool = True
-    whiten_rewards: bool = False            # TRL's option: rescale per-token rewards (mean kept)
-    # rewards and KL
-    kl_penalty: float = 0.1                 # beta, the (initial) KL coefficient
-    kl_estimator: str = "k1"                # k1 | k3 | abs | mse, per token in the reward
-    adaptive_kl: bool = False               # Ziegler et al. adaptive beta
-    target_kl: float = 6.0                  # target KL per answer (nats), adaptive only
-    kl_horizon: int = 10000                 # adaptive only
-    reward_normalization: str = "auto"      # auto (model's stats if saved, else running) | running | model | none
-    score_clip: Optional[float] = None      # clip the normalised score to [-c, c]
-    missing_eos_penalty: Optional[float] = None  # subtracted from the normalised score of answers cut by the length limit
-    judge_reward_weight: float = 0.0        # scale of the `judge_reward` hook's term added to the raw score (0: off)
-    # generation
-    max_prompt_tokens: int = 512
-    system_prompt: Optional[str] = None
-    reward_max_tokens: int = 1024           # re-tokenised reward inputs are cut from the left to this
-    # models and memory
-    ref_update: str = "none"                # none | copy | ema: refresh the reference every ref_update_every steps
-    ref_update_every: int = 0
-    ref_ema_alpha: float = 0.99             # ema: ref <- alpha * ref + (1 - alpha) * policy
-    offload_frozen_to_cpu: bool = False     # keep reference and reward model on CPU
-    share_reward_and_reference: bool = False  # one frozen backbone for both (see docs/ppo.md)
-    gradient_checkpointing: bool = False
-    lora_r: int = 0                         # LoRA rank on the policy (0: full fine-tuning); the reference is
-                                            # then the policy with its adapters off, not a copy (src/models/lora.py)
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0               # (disable_dropout also turns this off)
-    lora_target_modules: Optional[List[str]] = None  # None: every Linear but the LM head
-    disable_dropout: bool = True            # dropout would make old/new log-probs differ at ratio 1
-    distributed: str = "auto"               # auto | ddp | none: the data-parallel engine under torchrun (parallel.py);
-                                            # fsdp is not supported for online RL yet (generation needs full weights)
-    # bookkeeping
-    max_bad_steps: int = 3                  # steps in a row with a non-finite loss/grad tolerated (training_loop)
-    seed: int = 0                           # prompt sampling and mini-batch shuffling
-    keep_last_checkpoints: int = 3
-    log_file: Optional[str] = None          # append each step's metrics here as JSON lines
 
     def __post_init__(self):
-        def need(ok, name, what):
-            if not ok:
-                raise ValueError(f"PPOConfig.{name} {what}, got {getattr(self, name)!r}")
-        need(self.learning_rate > 0, "learning_rate", "must be > 0")
-        need(self.clip_epsilon > 0, "clip_epsilon", "must be > 0")
-        need(self.value_clip is None or self.value_clip > 0, "value_clip", "must be > 0 or None")
-        need(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]")
-        need(0 <= self.gae_lambda <= 1, "gae_lambda", "must be in [0, 1]")
-        need(self.kl_penalty >= 0, "kl_penalty", "must be >= 0")
-        need(self.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"must be one of {KL_ESTIMATORS}")
-        need(self.reward_normalization in REWARD_NORMALIZATIONS, "reward_normalization",
-             f"must be one of {REWARD_NORMALIZATIONS}")
-        need(self.ref_update in REF_UPDATES, "ref_update", f"must be one of {REF_UPDATES}")
-        need(self.ref_update == "none" or self.ref_update_every > 0, "ref_update_every",
-             "must be > 0 when ref_update is 'copy' or 'ema'")
-        need(0 <= self.ref_ema_alpha <= 1, "ref_ema_alpha", "must be in [0, 1]")
-        need(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {LR_SCHEDULES}")
-        need(self.mini_batch_size is None or self.mini_batch_size >= 1, "mini_batch_size", "must be >= 1")
-        need(self.max_bad_steps >= 0, "max_bad_steps", "must be >= 0")
-        parallel.check_mode(self.distributed, f"{type(self).__name__}.distributed")
-        if self.distributed == "fsdp":
-            raise ValueError(f"{type(self).__name__}.distributed='fsdp' is not supported for online RL "
-                             "(PPO, GRPO/RLOO/REINFORCE) yet: generating the rollouts needs the full weights on "
-                             "every rank. Use distributed='ddp' (or 'auto'), with lora_r and gradient_checkpointing "
-                             "to save memory")
-        need(self.target_kl > 0, "target_kl", "must be > 0")
-        need(math.isfinite(self.judge_reward_weight), "judge_reward_weight", "must be a finite number (0: off)")
-        need(self.lora_r >= 0, "lora_r", "must be >= 0 (0: no LoRA)")
-        need(not (self.lora_r and self.ref_update != "none"), "ref_update",
-             "must be 'none' with LoRA (the reference is the policy's frozen base weights)")
-        need(not (self.share_reward_and_reference and self.ref_update != "none"), "ref_update",
-             "must be 'none' with share_reward_and_reference (the shared backbone is the reward model's)")
+        super().__post_init__()
+        if not (self.value_clip is None or self.value_clip > 0):
+            raise ValueError(f"{type(self).__name__}.value_clip must be > 0 or None, got {self.value_clip!r}")
+        if not 0 <= self.gae_lambda <= 1:
+            raise ValueError(f"{type(self).__name__}.gae_lambda must be in [0, 1], got {self.gae_lambda!r}")
 
 
 # The guide's constructor arguments, in its order, with its defaults.

@@ -16,7 +16,7 @@ Truncation keeps the END of each sequence: the final assistant answer (the thing
 and the last user turn survive; the prompt is cut from the left first, then the answer's start.
 Chosen and rejected share one prompt cut, so both answers are judged in the same context.
 
-The step loop, bad-step policy, Ctrl-C, checkpoints and the JSONL log are `training_loop.TrainingLoop`'s.
+The step loop, bad-step policy, Ctrl-C, checkpoints and the JSONL log are `training.loop.TrainingLoop`'s.
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ class RewardTrainerConfig:
     checkpoint_every: Optional[int] = None    # steps; a final checkpoint is always written
     keep_checkpoints: int = 2
     seed: int = 0
-    max_bad_steps: int = 10                   # NaN/inf steps in a row tolerated; one more stops (training_loop)
+    max_bad_steps: int = 10                   # NaN/inf steps in a row tolerated; one more stops (training/loop.py)
     log_file: Optional[str] = None            # metrics JSONL (a line every log_every steps + evals)
     log_every: int = 10
     show_progress: bool = True

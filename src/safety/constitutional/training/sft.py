@@ -12,7 +12,7 @@ Batches are length-bucketed (shuffle, cut into chunks of `bucket_batches` batche
 by length) and padded per batch, so little compute goes to padding. The data order of every epoch
 is a pure function of (seed, epoch), and the checkpoint stores the epoch and position within it,
 so a resumed run sees exactly the batches the uninterrupted run would have seen. The step loop,
-bad-step policy, Ctrl-C, checkpoints and the JSONL log are `training_loop.TrainingLoop`'s.
+bad-step policy, Ctrl-C, checkpoints and the JSONL log are `training.loop.TrainingLoop`'s.
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ class SFTConfig:
     checkpoint_every: int = 0         # optimiser steps; 0 = only the final checkpoint
     keep_last: int = 2
     seed: int = 0
-    max_bad_steps: int = 10           # NaN/inf steps in a row tolerated; one more stops (training_loop)
+    max_bad_steps: int = 10           # NaN/inf steps in a row tolerated; one more stops (training/loop.py)
     log_file: Optional[str] = None    # JSONL metrics log (appended)
     gradient_checkpointing: bool = False
     lora_r: int = 0                   # LoRA rank (0: full fine-tuning); src/models/lora.py, merge_lora to export
