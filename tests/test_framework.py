@@ -210,7 +210,7 @@ def reward_evaluator(tiny_model, tokenizer, tmp_path):
 
 
 def test_reward_model_evaluator_is_bradley_terry_of_its_rewards(reward_evaluator, framework):
-    from src.safety.constitutional.training.reward_training import reward_scores
+    from src.safety.constitutional.training.reward_scoring import reward_scores
     principles = [framework.constitution.get("harmless")]
     prompts, a, b = [BOMB, KILL_PROC], [REFUSAL, HELPFUL], [HOWTO, REFUSAL]
     r_a = reward_scores(reward_evaluator.reward_model, reward_evaluator.tokenizer, prompts, a)

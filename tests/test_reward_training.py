@@ -7,8 +7,9 @@ import torch
 from src.models import RewardModel, build_tiny_llama
 from src.safety.constitutional.common.checkpoint import checkpoint_path
 from src.safety.constitutional.common.pairs import PreferencePair, load_pairs
-from src.safety.constitutional.training.reward_training import (RewardTrainer, RewardTrainerConfig, bradley_terry_loss,
-                                                                encode_pair, left_pad, pairwise_accuracy, truncate_layers)
+from src.safety.constitutional.training.generation import left_pad
+from src.safety.constitutional.training.reward_scoring import bradley_terry_loss, encode_pair, pairwise_accuracy
+from src.safety.constitutional.training.reward_training import RewardTrainer, RewardTrainerConfig, truncate_layers
 
 
 def _reward_model(tokenizer, num_layers=4, seed=0):

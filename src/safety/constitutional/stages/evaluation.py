@@ -26,7 +26,7 @@ import torch
 
 from ..common.io import atomic_path, atomic_write_json, atomic_write_text
 from ..training.generation import GenerationConfig, generate
-from ..training.reward_training import reward_scores
+from ..training.reward_scoring import reward_scores
 
 KINDS = ("harmful", "benign")
 

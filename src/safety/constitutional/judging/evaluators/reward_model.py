@@ -39,7 +39,7 @@ class RewardModelEvaluator(Evaluator):
         return cls(model, load_tokenizer(path), **kwargs)
 
     def rewards(self, prompts: Sequence, responses: Sequence[str]) -> List[float]:
-        from ...training.reward_training import reward_scores  # lazy: the reward-training stack is only needed here
+        from ...training.reward_scoring import reward_scores  # lazy: evaluation imports the framework, which imports us
 
         return reward_scores(self.reward_model, self.tokenizer, prompts, responses, batch_size=self.batch_size,
                              max_length=self.max_length)

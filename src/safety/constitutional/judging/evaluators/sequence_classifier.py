@@ -14,7 +14,7 @@
   and comparison sigmoid(logit(P_a) - logit(P_b)), symmetric by construction.
 
 The input is the one the toolkit's reward models are trained and scored on
-(`reward_training.reward_scores`): the prompt through the tokenizer's chat template (plain
+(`reward_scoring.reward_scores`): the prompt through the tokenizer's chat template (plain
 "User: ...\nAssistant:" without one), then the answer and the end-of-turn token, truncated from
 the left (the start of the prompt goes first), batched, without gradients. Decoder models (a `score`
 head) are read at the last real token, as `RewardModel` reads them; encoder classifiers (BERT-like,
@@ -68,7 +68,7 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 class SafeLogOdds(nn.Module):
     """A multi-label sequence classifier as a scalar model: logit(P(safe)) per sequence. (batch,)
 
-    Takes left-padded (ids, mask) like `RewardModel`, so `reward_training.reward_scores` reads it unchanged."""
+    Takes left-padded (ids, mask) like `RewardModel`, so `reward_scoring.reward_scores` reads it unchanged."""
 
     reward_stats = None  # logit(P) is already centred on 0 (P = 0.5) with scale 1
 
