@@ -745,6 +745,35 @@ def parse_ppo_variants(text: str) -> dict:
     return variants
 
 
+def ppo_iteration_flops(config, batch: int, prompt_width: int, answer_width: int, epochs: int,
+                        mini_batch_size, critic_layers, reward_layers: int, old_from_update: bool) -> dict:
+    """Matmul FLOPs of one PPO iteration by part, counted from the model's shapes: 2 per weight per
+    token forward, 6 forward+backward (GFLOP); attention's (T, T) products and the embedding lookups are left out.
+    Every forward runs over the padded width W = P + R; only the R answer positions go through the LM head
+    (logprobs.sequence_logprobs); the critic and the reward model have a scalar head (free). Generation:
+    the prompt once (prefill) and R decoding steps of every layer and the head, all rows."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    per_layer = h * q + 2 * h * kv + q * h + 3 * h * config.intermediate_size
+    lm_head = h * config.vocab_size
+    B, P, R = batch, prompt_width, answer_width
+    W = P + R
+    critic_layers = min(critic_layers or layers, layers)
+    size = min(mini_batch_size or B, B)
+    old_rows = B - size if old_from_update else B  # rows the rollout's no-grad policy/critic forward covers
+    policy_fwd = per_layer * layers * W + lm_head * R  # weights x tokens per row
+    parts = {"generation": 2 * B * (per_layer * layers * (P + R) + lm_head * R),
+             "old_logprobs": 2 * old_rows * policy_fwd,
+             "old_values": 2 * old_rows * per_layer * critic_layers * W,
+             "reference": 2 * B * policy_fwd,
+             "reward": 2 * B * per_layer * reward_layers * W,
+             "update_policy": 6 * epochs * B * policy_fwd,
+             "update_critic": 6 * epochs * B * per_layer * critic_layers * W}
+    parts["total"] = sum(parts.values())
+    return {k: round(v / 1e9, 1) for k, v in parts.items()}
+
+
 def section_ppo_variants(b: Bench, prompts, answer_len):
     """`--ppo-variants`: our PPO iteration under several PPOConfig overrides, interleaved A/B/C/A/B/C."""
     from src.safety.constitutional.ppo_trainer import PPOConfig
@@ -759,10 +788,18 @@ def section_ppo_variants(b: Bench, prompts, answer_len):
                for label, overrides in variants.items()}
     results = b.interleave(runners, b.args.repeats)
     yield from ({"section": "ppo", "variant": k, "error": v} for k, v in errors.items())
+    from transformers import AutoConfig
+    model_config = AutoConfig.from_pretrained(b.model_path)
     for label, runs in results.items():
         runs = [r for r in runs if r is not None]
         if not runs:
             continue
+        cfg = PPOConfig(**{"learning_rate": 1e-5, **variants[label]})
+        flops = None
+        if runs[0].get("prompt_width") is not None:
+            flops = ppo_iteration_flops(model_config, PPO_BATCH, runs[0]["prompt_width"], runs[0]["answer_width"],
+                                        PPO_EPOCHS, cfg.mini_batch_size, cfg.value_keep_layers,
+                                        model_config.num_hidden_layers, cfg.old_values_from_update)
         secs = [r["seconds"] for r in runs]
         updates = [r["seconds"] - r["rollout_seconds"] for r in runs if r.get("rollout_seconds")]
         yield _round({"section": "ppo", "impl": "ours", "variant": label, "overrides": variants[label],
@@ -773,7 +810,7 @@ def section_ppo_variants(b: Bench, prompts, answer_len):
                       "answer_tokens_mean": runs[0].get("answer_tokens_mean"), "batch": PPO_BATCH,
                       "prompt_width": runs[0].get("prompt_width"), "answer_width": runs[0].get("answer_width"),
                       "step_stats": [r.get("step_stats") for r in runs], "policy_sha1": [r.get("policy_sha1") for r in runs],
-                      "answer_tokens_max": answer_len, "ppo_epochs": PPO_EPOCHS,
+                      "answer_tokens_max": answer_len, "ppo_epochs": PPO_EPOCHS, "analytic_gflop": flops,
                       "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None})
 
 

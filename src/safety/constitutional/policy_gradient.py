@@ -52,7 +52,8 @@ PG_ALGORITHMS = ("grpo", "rloo", "reinforce")
 
 @dataclass
 class PolicyGradientConfig(PPOConfig):
-    """PPOConfig plus the critic-free fields. PPO's value/GAE fields (value_*, gae_lambda) are unused.
+    """PPOConfig plus the critic-free fields. PPO's value/GAE fields (value_*, gae_lambda,
+    old_values_from_update) are unused.
 
     `kl_penalty` (beta) is the KL coefficient *in the reward*; `kl_loss_coef` the one *in the loss*.
     The reference is static (`ref_update="none"`), periodic (`"copy"` every `ref_update_every`

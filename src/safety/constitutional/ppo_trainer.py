@@ -110,11 +110,11 @@ class PPOConfig:
     offload_frozen_to_cpu: bool = False     # keep reference and reward model on CPU
     share_reward_and_reference: bool = False  # one frozen backbone for both (see docs/ppo.md)
     gradient_checkpointing: bool = False
-    value_keep_layers: Optional[int] = None  # critic on the bottom K decoder layers of the policy's backbone + a value
-                                            # head (None or 0: full depth); applied to a given ValueModel too
-    old_values_from_update: bool = False    # old log-probs and values from the first update mini-batch's forward
-                                            # (detached) instead of a separate no-grad forward of policy and critic
-                                            # in the rollout; same numbers (docs/ppo.md), one forward of each fewer
+    value_keep_layers: Optional[int] = None  # critic = bottom K decoder layers of the policy + value head (None/0: all)
+                                            # (a given ValueModel is cut to K layers too; docs/ppo.md)
+    old_values_from_update: bool = False    # old log-probs/values from the first update's forward (same numbers)
+                                            # (instead of a separate no-grad forward of policy and critic in the
+                                            # rollout; the other mini-batches' rows still get one; docs/ppo.md)
     lora_r: int = 0                         # LoRA rank on the policy (0: full fine-tuning); the reference is
                                             # then the policy with its adapters off, not a copy (src/models/lora.py)
     lora_alpha: float = 16.0

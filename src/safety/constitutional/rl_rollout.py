@@ -53,7 +53,7 @@ class Rollout:
     prompt_width: int              # P
     mask: torch.Tensor             # (batch, R) float, 1 on answer tokens incl. end-of-turn
     finished: torch.Tensor         # (batch,) bool, ended with end-of-turn
-    logprobs: torch.Tensor         # (batch, R) policy at sampling time (the "old" policy); PPO may fill it after collect
+    logprobs: torch.Tensor         # (batch, R) policy at sampling time (the "old" policy); PPO may fill it in later
     ref_logprobs: torch.Tensor     # (batch, R)
     values: Optional[torch.Tensor]  # (batch, R) value of the state that predicts each token; None without a critic
     scores: torch.Tensor           # (batch,) raw reward-model score
