@@ -112,7 +112,7 @@ class PPOConfig:
     gradient_checkpointing: bool = False
     value_keep_layers: Optional[int] = None  # critic = bottom K decoder layers of the policy + value head (None/0: all)
                                             # (a given ValueModel is cut to K layers too; docs/ppo.md)
-    old_values_from_update: bool = False    # old log-probs/values from the first update's forward (same numbers)
+    old_values_from_update: bool = True     # old log-probs/values from the first update's forward (same numbers)
                                             # (instead of a separate no-grad forward of policy and critic in the
                                             # rollout; the other mini-batches' rows still get one; docs/ppo.md)
     lora_r: int = 0                         # LoRA rank on the policy (0: full fine-tuning); the reference is
