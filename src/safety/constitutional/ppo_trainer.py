@@ -4,9 +4,12 @@ reward model (Ouyang et al. 2022; the same recipe as TRL's PPOTrainer and OpenRL
 One training step reads top to bottom (`train_step`):
 
   1. rollout   sample answers with the shared `generation.generate`; then ONE batched forward per
-               model under inference_mode: the policy's log-probs of the sampled tokens (at the
-               sampling temperature), the reference's, the value model's per-token values and the
-               reward model's score at the last real token (plus, optionally, a judge term: below);
+               frozen model under inference_mode: the reference's log-probs of the sampled tokens (at
+               the sampling temperature) and the reward model's score at the last real token (plus,
+               optionally, a judge term: below). The old policy's log-probs and the critic's values
+               come from the first update mini-batch's own forward, before any step
+               (`old_values_from_update`, the default; rows outside that mini-batch get a no-grad
+               forward of just those rows), or with the option off from one more batched forward each;
   2. rewards   r_t = -beta * KL_t at every answer token, plus the (normalised) score at the last one;
   3. GAE       advantages over answer tokens only (padding masked), whitened; returns = A + V;
   4. update    several epochs over shuffled mini-batches: clipped policy ratio, clipped value loss,
