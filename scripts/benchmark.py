@@ -629,13 +629,15 @@ def section_sft(b: Bench):
 PPO_BATCH, PPO_ANSWER, PPO_EPOCHS, PPO_TEMPERATURE = 8, 48, 4, 1.0
 
 
-def _our_ppo(b: Bench, prompts, answer_len):
+def _our_ppo(b: Bench, prompts, answer_len, overrides=None):
     from src.safety.constitutional.rl.ppo_trainer import PPOConfig, PPOTrainer
 
+    torch.manual_seed(0)  # the reward and value heads start from the same draws in every run
     policy = b.policy()
     rm = b.reward_model()
-    cfg = make_config(PPOConfig, learning_rate=1e-5, kl_penalty=0.05, reward_normalization="none",
-                      gradient_checkpointing=b.args.gradient_checkpointing, lora_r=b.args.lora_r, lora_alpha=16.0)
+    cfg = make_config(PPOConfig, **{**dict(learning_rate=1e-5, kl_penalty=0.05, reward_normalization="none",
+                                           gradient_checkpointing=b.args.gradient_checkpointing, lora_r=b.args.lora_r,
+                                           lora_alpha=16.0), **(overrides or {})})
     trainer = PPOTrainer(policy, None, rm, b.tokenizer, b.device, config=cfg)
     torch.manual_seed(0)
     with PeakMemory(b.device) as pm, quiet():
@@ -646,9 +648,19 @@ def _our_ppo(b: Bench, prompts, answer_len):
         sync(b.device)
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     stats = stats if isinstance(stats, dict) else {}
+    ro = getattr(trainer, "last_rollout", None)  # the shapes, for counting FLOPs
+    shape = {} if ro is None else {"prompt_width": ro.prompt_width, "answer_width": ro.mask.shape[1]}
+    if overrides is not None:  # --ppo-variants: what the step computed, to compare variants run to run
+        import hashlib
+        digest = hashlib.sha1()
+        for p in trainer.policy.parameters():
+            digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+        shape["step_stats"] = {k: stats.get(k) for k in ("policy_loss", "value_loss", "approx_kl", "ratio_max",
+                                                        "clipfrac", "explained_variance", "mean_score")}
+        shape["policy_sha1"] = digest.hexdigest()[:16]
     del trainer, policy, rm
     return {"seconds": dt, "cpu_seconds": cpu, "peak_mem_mb": pm.peak_mb,
-            "answer_tokens_mean": stats.get("answer_length"), "rollout_seconds": stats.get("time_rollout_s")}
+            "answer_tokens_mean": stats.get("answer_length"), "rollout_seconds": stats.get("time_rollout_s"), **shape}
 
 
 def _trl_ppo(b: Bench, prompts, answer_len):
@@ -716,9 +728,98 @@ def _trl_rloo(b: Bench, prompts, answer_len):
     return {"seconds": timer.seconds, "cpu_seconds": timer.cpu_seconds, "peak_mem_mb": pm.peak_mb, "trl_trainer": "RLOOTrainer"}
 
 
+def parse_ppo_variants(text: str) -> dict:
+    """"A;k=v,k=v;..." -> {label: overrides of our PPOConfig}; "default" (or empty) is no override."""
+    import yaml
+    variants = {}
+    for part in text.split(";"):
+        part = part.strip()
+        overrides = {}
+        if part and part != "default":
+            for item in part.split(","):
+                key, _, value = item.partition("=")
+                if not _:
+                    raise ValueError(f"--ppo-variants: {item!r} is not KEY=VALUE")
+                overrides[key.strip()] = yaml.safe_load(value.strip())
+        variants[part or "default"] = overrides
+    return variants
+
+
+def ppo_iteration_flops(config, batch: int, prompt_width: int, answer_width: int, epochs: int,
+                        mini_batch_size, critic_layers, reward_layers: int, old_from_update: bool) -> dict:
+    """Matmul FLOPs of one PPO iteration by part, counted from the model's shapes: 2 per weight per
+    token forward, 6 forward+backward (GFLOP); attention's (T, T) products and the embedding lookups are left out.
+    Every forward runs over the padded width W = P + R; only the R answer positions go through the LM head
+    (logprobs.sequence_logprobs); the critic and the reward model have a scalar head (free). Generation:
+    the prompt once (prefill) and R decoding steps of every layer and the head, all rows."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    per_layer = h * q + 2 * h * kv + q * h + 3 * h * config.intermediate_size
+    lm_head = h * config.vocab_size
+    B, P, R = batch, prompt_width, answer_width
+    W = P + R
+    critic_layers = min(critic_layers or layers, layers)
+    size = min(mini_batch_size or B, B)
+    old_rows = B - size if old_from_update else B  # rows the rollout's no-grad policy/critic forward covers
+    policy_fwd = per_layer * layers * W + lm_head * R  # weights x tokens per row
+    parts = {"generation": 2 * B * (per_layer * layers * (P + R) + lm_head * R),
+             "old_logprobs": 2 * old_rows * policy_fwd,
+             "old_values": 2 * old_rows * per_layer * critic_layers * W,
+             "reference": 2 * B * policy_fwd,
+             "reward": 2 * B * per_layer * reward_layers * W,
+             "update_policy": 6 * epochs * B * policy_fwd,
+             "update_critic": 6 * epochs * B * per_layer * critic_layers * W}
+    parts["total"] = sum(parts.values())
+    return {k: round(v / 1e9, 1) for k, v in parts.items()}
+
+
+def section_ppo_variants(b: Bench, prompts, answer_len):
+    """`--ppo-variants`: our PPO iteration under several PPOConfig overrides, interleaved A/B/C/A/B/C."""
+    from src.safety.constitutional.rl.ppo_trainer import PPOConfig
+    variants = parse_ppo_variants(b.args.ppo_variants)
+    names = {f.name for f in fields(PPOConfig)}
+    for overrides in variants.values():
+        unknown = set(overrides) - names
+        if unknown:
+            raise ValueError(f"--ppo-variants: PPOConfig has no field(s) {sorted(unknown)}")
+    errors: dict = {}
+    runners = {label: _safe(lambda o=overrides: _our_ppo(b, prompts, answer_len, o), errors, label)
+               for label, overrides in variants.items()}
+    results = b.interleave(runners, b.args.repeats)
+    yield from ({"section": "ppo", "variant": k, "error": v} for k, v in errors.items())
+    from transformers import AutoConfig
+    model_config = AutoConfig.from_pretrained(b.model_path)
+    for label, runs in results.items():
+        runs = [r for r in runs if r is not None]
+        if not runs:
+            continue
+        cfg = PPOConfig(**{"learning_rate": 1e-5, **variants[label]})
+        flops = None
+        if runs[0].get("prompt_width") is not None:
+            flops = ppo_iteration_flops(model_config, PPO_BATCH, runs[0]["prompt_width"], runs[0]["answer_width"],
+                                        PPO_EPOCHS, cfg.mini_batch_size, cfg.value_keep_layers,
+                                        model_config.num_hidden_layers, cfg.old_values_from_update)
+        secs = [r["seconds"] for r in runs]
+        updates = [r["seconds"] - r["rollout_seconds"] for r in runs if r.get("rollout_seconds")]
+        yield _round({"section": "ppo", "impl": "ours", "variant": label, "overrides": variants[label],
+                      "seconds_median": median(secs), "runs_seconds": [round(x, 3) for x in secs],
+                      "cpu_seconds_median": median([r["cpu_seconds"] for r in runs]),
+                      "rollout_seconds_median": median([r["rollout_seconds"] for r in runs if r.get("rollout_seconds")]),
+                      "after_rollout_seconds_median": median(updates) if updates else None,
+                      "answer_tokens_mean": runs[0].get("answer_tokens_mean"), "batch": PPO_BATCH,
+                      "prompt_width": runs[0].get("prompt_width"), "answer_width": runs[0].get("answer_width"),
+                      "step_stats": [r.get("step_stats") for r in runs], "policy_sha1": [r.get("policy_sha1") for r in runs],
+                      "answer_tokens_max": answer_len, "ppo_epochs": PPO_EPOCHS, "analytic_gflop": flops,
+                      "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None})
+
+
 def section_ppo(b: Bench):
     answer_len = 8 if b.small else PPO_ANSWER
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(PPO_BATCH)]
+    if b.args.ppo_variants:
+        yield from section_ppo_variants(b, prompts, answer_len)
+        return
     results, errs = _run_pair(b, "ppo", lambda: _our_ppo(b, prompts, answer_len),
                               lambda: _trl_ppo(b, prompts, answer_len))
     yield from errs
@@ -914,6 +1015,10 @@ def parse_args(argv=None):
                    help="turn gradient checkpointing on in both ours and TRL's trainers (default: off in both)")
     p.add_argument("--lora-r", type=int, default=0,
                    help="PPO only: LoRA of this rank on the policy, both sides (TRL through peft_config); 0: off")
+    p.add_argument("--ppo-variants", default=None,
+                   help="PPO only: our iteration under several PPOConfig overrides instead of ours vs TRL, interleaved "
+                        "A/B/C; variants separated by ';', overrides by ',', e.g. "
+                        "\"default;old_values_from_update=true;old_values_from_update=true,value_keep_layers=8\"")
     p.add_argument("--small", action="store_true", help="tiny workloads (for tests and quick checks)")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failing sections")
     p.add_argument("--shared-child", choices=("fixed", "adaptive"), help=argparse.SUPPRESS)  # section_shared's worker

@@ -77,6 +77,27 @@ class ScalarHeadModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def keep_bottom_layers(self, num_layers: Optional[int]) -> "ScalarHeadModel":
+        """Keep only the bottom `num_layers` decoder layers (in place; embeddings, final norm and head
+        stay). None, 0 or at least the current depth: unchanged. The result is still a plain HF model
+        (config.num_hidden_layers follows), so it saves, loads and checkpoints like any other.
+        Returns self."""
+        backbone = backbone_of(self)
+        layers = getattr(backbone, "layers", None)
+        if not num_layers or layers is None or num_layers >= len(layers):
+            if num_layers and layers is None:
+                raise TypeError(f"{type(backbone).__name__} has no `layers` list to truncate")
+            return self
+        if num_layers < 0:
+            raise ValueError(f"num_layers must be >= 0 (0: all layers), got {num_layers}")
+        backbone.layers = nn.ModuleList(list(layers)[:num_layers])
+        self.config.num_hidden_layers = num_layers
+        for attr in ("layer_types",):  # per-layer lists in some configs must shrink too
+            value = getattr(self.config, attr, None)
+            if isinstance(value, list):
+                setattr(self.config, attr, value[:num_layers])
+        return self
+
     def token_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Scalar at every position. (batch, seq)"""
         with autocast(input_ids.device), attention_for(self.model, input_ids):
@@ -114,11 +135,13 @@ class ScalarHeadModel(nn.Module):
 
     @classmethod
     def from_causal_lm(cls, base: Union[str, os.PathLike, nn.Module, None], device=None, dtype=None,
-                       head_init_std: Optional[float] = None, pad_token_id: Optional[int] = None):
+                       head_init_std: Optional[float] = None, pad_token_id: Optional[int] = None,
+                       keep_layers: Optional[int] = None):
         """A fresh scalar head on the backbone of a causal LM (a loaded model, a path, or "default").
 
         The backbone weights are copied, never shared, so training the head model leaves the
         policy untouched. The head starts near zero so early values/rewards are small.
+        `keep_layers=k`: only the bottom k decoder layers (`keep_bottom_layers`; None/0: all).
         """
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -130,11 +153,21 @@ class ScalarHeadModel(nn.Module):
         config = lm.config.__class__.from_dict(lm.config.to_dict())
         config.num_labels = 1
         config.problem_type = "regression"
+        if keep_layers is not None and keep_layers < 0:
+            raise ValueError(f"keep_layers must be >= 0 (0 or None: all layers), got {keep_layers}")
+        depth = getattr(config, "num_hidden_layers", None)
+        if keep_layers and depth is not None and keep_layers < depth:  # build (and copy) only the kept layers
+            config.num_hidden_layers = keep_layers
+            if isinstance(getattr(config, "layer_types", None), list):
+                config.layer_types = config.layer_types[:keep_layers]
         if pad_token_id is not None:
             config.pad_token_id = pad_token_id
         model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
         prefix = model.base_model_prefix
         backbone_state = getattr(lm, prefix).state_dict()
+        if config.num_hidden_layers != depth:  # drop the layers above keep_layers
+            wanted = getattr(model, prefix).state_dict().keys()
+            backbone_state = {k: v for k, v in backbone_state.items() if k in wanted}
         getattr(model, prefix).load_state_dict(backbone_state)
         head = score_head(model)
         std = head_init_std if head_init_std is not None else 1.0 / (config.hidden_size + 1) ** 0.5

@@ -378,7 +378,8 @@ class Pipeline:
             return self._run_dpo(policy, tokenizer, out)
         reward_model = RewardModel.from_pretrained(self.reward_model_dir(), device=self.device, dtype=cfg.dtype)
         algo_config = getattr(cfg.rl, cfg.rl.algorithm)
-        value_model = (ValueModel.from_causal_lm(policy, device=self.device, dtype=cfg.dtype)
+        value_model = (ValueModel.from_causal_lm(policy, device=self.device, dtype=cfg.dtype,
+                                                 keep_layers=algo_config.value_keep_layers)
                        if cfg.rl.algorithm == "ppo" else None)
         prompts = self.prompts("train_prompts", cfg.data.num_rl_prompts, seed_offset=3)
         kinds = {p: "harmful" for p in prompts}

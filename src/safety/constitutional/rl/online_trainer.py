@@ -284,11 +284,13 @@ class OnlineRLTrainer(LoopCounters):
                 "time_step_s": time.perf_counter() - t0}
 
     def _update_epochs(self, batch: int, num_epochs: int, rollout_finite: bool,
-                       update: Callable[[torch.Tensor], Optional[Dict[str, float]]]):
+                       update: Callable[[torch.Tensor], Optional[Dict[str, float]]],
+                       first_order: Optional[torch.Tensor] = None):
         """`num_epochs` passes over the rollout in shuffled mini-batches; `update(idx)` takes one
         gradient step and returns its metrics, or None when it skipped a non-finite update. Stops
         early once approx KL(old || new) passes `early_stop_kl`. A non-finite rollout trains nothing.
-        Returns (metric name -> values, skipped updates, epochs done)."""
+        `first_order`: the first epoch's permutation, already drawn from `self.sampler` by the caller
+        (the draw it would have made here). Returns (metric name -> values, skipped updates, epochs done)."""
         cfg = self.config
         acc: Dict[str, List[float]] = {}
         if not rollout_finite:
@@ -296,8 +298,11 @@ class OnlineRLTrainer(LoopCounters):
             return acc, 1, 0
         mb_size = min(cfg.mini_batch_size or batch, batch)
         skipped = epochs_done = 0
-        for _ in range(num_epochs):
-            order = torch.randperm(batch, generator=self.sampler)
+        for epoch in range(num_epochs):
+            if epoch == 0 and first_order is not None:
+                order = first_order
+            else:
+                order = torch.randperm(batch, generator=self.sampler)
             stop = False
             for start in range(0, batch, mb_size):
                 metrics = update(order[start:start + mb_size])

@@ -4,9 +4,12 @@ reward model (Ouyang et al. 2022; the same recipe as TRL's PPOTrainer and OpenRL
 One training step reads top to bottom (`train_step`):
 
   1. rollout   sample answers with the shared `generation.generate`; then ONE batched forward per
-               model under inference_mode: the policy's log-probs of the sampled tokens (at the
-               sampling temperature), the reference's, the value model's per-token values and the
-               reward model's score at the last real token (plus, optionally, a judge term: below);
+               frozen model under inference_mode: the reference's log-probs of the sampled tokens (at
+               the sampling temperature) and the reward model's score at the last real token (plus,
+               optionally, a judge term: below). The old policy's log-probs and the critic's values
+               come from the first update mini-batch's own forward, before any step
+               (`old_values_from_update`, the default; rows outside that mini-batch get a no-grad
+               forward of just those rows), or with the option off from one more batched forward each;
   2. rewards   r_t = -beta * KL_t at every answer token, plus the (normalised) score at the last one;
   3. GAE       advantages over answer tokens only (padding masked), whitened; returns = A + V;
   4. update    several epochs over shuffled mini-batches: clipped policy ratio, clipped value loss,
@@ -62,13 +65,32 @@ class PPOConfig(OnlineRLConfig):
     value_clip: Optional[float] = 0.2       # value clip around the rollout values (None: plain MSE)
     value_loss_coef: float = 0.5
     gae_lambda: float = 0.95
+    value_keep_layers: Optional[int] = None  # critic = bottom K decoder layers of the policy + value head (None/0: all)
+                                            # (a given ValueModel is cut to K layers too; docs/ppo.md)
+    old_values_from_update: bool = True     # old log-probs/values from the first update's forward (same numbers)
+                                            # (instead of a separate no-grad forward of policy and critic in the
+                                            # rollout; the other mini-batches' rows still get one; docs/ppo.md)
 
     def __post_init__(self):
         super().__post_init__()
+        if not (self.value_keep_layers is None or self.value_keep_layers >= 0):
+            raise ValueError(f"{type(self).__name__}.value_keep_layers must be >= 0 (None or 0: the full depth), "
+                             f"got {self.value_keep_layers!r}")
         if not (self.value_clip is None or self.value_clip > 0):
             raise ValueError(f"{type(self).__name__}.value_clip must be > 0 or None, got {self.value_clip!r}")
         if not 0 <= self.gae_lambda <= 1:
             raise ValueError(f"{type(self).__name__}.gae_lambda must be in [0, 1], got {self.gae_lambda!r}")
+
+
+def _dropout_active(model: nn.Module) -> bool:
+    """Whether a train-mode forward of `model` would drop anything (nn.Dropout or HF attention dropout)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            return True
+        rate = getattr(module, "attention_dropout", None)
+        if isinstance(rate, float) and rate > 0:
+            return True
+    return False
 
 
 # The guide's constructor arguments, in its order, with its defaults.
@@ -109,9 +131,23 @@ class PPOTrainer(OnlineRLTrainer):
             config = PPOConfig(**{**asdict(config), **overrides})
         if value_model is None:  # the critic copies the policy's backbone before any LoRA adapter is added
             policy_model = policy_model.to(torch.device(device) if device is not None else device_of(policy_model))
-            value_model = ValueModel.from_causal_lm(policy_model, device=device_of(policy_model))
+            value_model = ValueModel.from_causal_lm(policy_model, device=device_of(policy_model),
+                                                    keep_layers=config.value_keep_layers)
+        elif config.value_keep_layers:  # a given critic is cut to the configured depth too (in place)
+            if not hasattr(value_model, "keep_bottom_layers"):
+                raise TypeError(f"value_keep_layers={config.value_keep_layers} needs a ValueModel critic, got "
+                                f"{type(value_model).__name__}")
+            value_model.keep_bottom_layers(config.value_keep_layers)
         super().__init__(policy_model, value_model, reward_model, tokenizer, device, config, ref_model=ref_model,
                          reward_tokenizer=reward_tokenizer, judge_reward=judge_reward)
+        # Old log-probs/values from the first update's forward are the same numbers only when that forward
+        # is deterministic: no active dropout (train-mode forward vs the rollout's eval-mode one).
+        self.old_from_update = config.old_values_from_update
+        if self.old_from_update and any(_dropout_active(m) for m in self._trained_models()):
+            log.warning("old_values_from_update is on but policy or critic has active dropout (disable_dropout="
+                        "False): the first update's forward would differ from a rollout forward, so the old "
+                        "log-probs and values come from the rollout's separate forward instead")
+            self.old_from_update = False
 
     def _token_values(self, input_ids, attention_mask, prompt_width, response_len, value_model=None) -> torch.Tensor:
         """Values aligned with answer tokens: column P-1+t for token t. (batch, R). `value_model`: the model
@@ -141,10 +177,18 @@ class PPOTrainer(OnlineRLTrainer):
         """One PPO iteration on `prompts` (a batch). `max_length` = max new tokens per answer."""
         cfg = self.config
         t0 = time.perf_counter()
-        rollout = self.rollout(prompts, max_new_tokens=max_length, temperature=temperature)
+        if self.old_from_update:  # no policy/critic forward in the rollout: see _old_from_first_minibatch
+            rollout = self.rollouts.collect(prompts, max_length, temperature, policy_logprobs=False)
+        else:
+            rollout = self.rollout(prompts, max_new_tokens=max_length, temperature=temperature)
         t_rollout = time.perf_counter() - t0
         mask = rollout.mask
         batch = mask.shape[0]
+        first_order = first_forward = None
+        if self.old_from_update:
+            sampler_state = self.sampler.get_state()
+            first_order = torch.randperm(batch, generator=self.sampler)  # _update_epochs' first draw, made here
+            first_forward = self._old_from_first_minibatch(rollout, first_order, temperature)
 
         # rewards, GAE (no gradients anywhere here)
         scores = self.normalise_scores(rollout.total_scores, rollout.finished)  # RM score + judge term
@@ -154,13 +198,20 @@ class PPOTrainer(OnlineRLTrainer):
         if cfg.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
         rollout_finite = ddp.all_true(all(torch.isfinite(t).all() for t in (rewards, advantages, returns)))
+        if first_order is not None and not rollout_finite:  # nothing trains: no permutation was drawn
+            self.sampler.set_state(sampler_state)
+            first_order = first_forward = None
 
         # update epochs over shuffled mini-batches
         self.policy.train()
         self.value_model.train()
-        acc, skipped, epochs_done = self._update_epochs(
-            batch, num_epochs_per_batch, rollout_finite,
-            lambda idx: self._update_minibatch(rollout, idx, advantages[idx], returns[idx], temperature))
+        pending = [first_forward] if first_forward is not None else []
+
+        def update(idx):
+            forward = pending.pop() if pending else None  # the first mini-batch's forward, already done
+            return self._update_minibatch(rollout, idx, advantages[idx], returns[idx], temperature, forward)
+        acc, skipped, epochs_done = self._update_epochs(batch, num_epochs_per_batch, rollout_finite, update,
+                                                        first_order=first_order)
         self.policy.eval()
         self.value_model.eval()
 
@@ -193,17 +244,62 @@ class PPOTrainer(OnlineRLTrainer):
         }
         return self._record_step(stats, rollout, skipped)
 
-    def _update_minibatch(self, rollout: Rollout, idx, advantages, returns, temperature) -> Optional[Dict[str, float]]:
-        """One gradient step on policy and value. Returns None (and changes nothing) if not finite."""
-        cfg = self.config
+    def _minibatch_forward(self, rollout: Rollout, idx, temperature):
+        """The training forwards of mini-batch `idx`, with gradients: (log-probs, entropy, values), each
+        (len(idx), R). They go through the engines (DDP reduces the gradients in backward())."""
         P, R = rollout.prompt_width, rollout.mask.shape[1]
-        ids, attn, mask = rollout.input_ids[idx], rollout.attention_mask[idx], rollout.mask[idx]
-        old_logprobs, ref_logprobs, old_values = rollout.logprobs[idx], rollout.ref_logprobs[idx], rollout.values[idx]
-
-        # the training forwards go through the engines (DDP reduces the gradients in backward())
+        ids, attn = rollout.input_ids[idx], rollout.attention_mask[idx]
         new_logprobs, entropy = self.policy_parallel(
             lambda m: sequence_logprobs(m, ids, attn, R, temperature, return_entropy=True,
-                                        entropy_grad=bool(cfg.entropy_coef)))
+                                        entropy_grad=bool(self.config.entropy_coef)))
+        values = self.value_parallel(lambda m: self._token_values(ids, attn, P, R, value_model=m))
+        return idx, new_logprobs, entropy, values
+
+    def _old_from_first_minibatch(self, rollout: Rollout, order: torch.Tensor, temperature):
+        """`old_values_from_update`: fill `rollout.logprobs` and `rollout.values` without the rollout's
+        separate no-grad forward of policy and critic over the whole batch.
+
+        The first mini-batch of the first epoch (`order[:mini_batch_size]`) runs its training forward
+        now, before rewards and advantages exist (they need the old log-probs and values of every row);
+        its detached outputs are its rows' old log-probs and values, and the update reuses the forward
+        (returned) for its loss. Nothing has stepped yet, so these are the rollout weights' numbers, and
+        with dropout off a train-mode forward equals an eval-mode one. The other rows (several
+        mini-batches) need their old numbers before the first optimiser step too, so they get one
+        no-grad forward of just those rows, here. Saves mini_batch_size/batch of a policy and a critic
+        forward per iteration: all of it with one mini-batch."""
+        P, R = rollout.prompt_width, rollout.mask.shape[1]
+        batch = rollout.mask.shape[0]
+        size = min(self.config.mini_batch_size or batch, batch)
+        first, rest = order[:size], order[size:].sort().values
+        device = rollout.mask.device
+        logprobs, old_values = torch.zeros(batch, R, device=device), torch.zeros(batch, R, device=device)
+        if len(rest):  # as the rollout's forward would: eval mode, no gradients
+            self.policy.eval()
+            self.value_model.eval()
+            ids, attn = rollout.input_ids[rest], rollout.attention_mask[rest]
+            with torch.no_grad():
+                logprobs[rest] = sequence_logprobs(self.policy, ids, attn, R, temperature).to(device)
+                old_values[rest] = self._token_values(ids, attn, P, R).to(device)
+        self.policy.train()
+        self.value_model.train()
+        forward = self._minibatch_forward(rollout, first, temperature)
+        _, new_logprobs, _, values = forward
+        logprobs[first], old_values[first] = new_logprobs.detach().to(device), values.detach().to(device)
+        rollout.logprobs, rollout.values = logprobs * rollout.mask, old_values * rollout.mask
+        return forward
+
+    def _update_minibatch(self, rollout: Rollout, idx, advantages, returns, temperature,
+                          forward=None) -> Optional[Dict[str, float]]:
+        """One gradient step on policy and value. Returns None (and changes nothing) if not finite.
+        `forward`: this mini-batch's training forward, already run (`_old_from_first_minibatch`)."""
+        cfg = self.config
+        mask = rollout.mask[idx]
+        old_logprobs, ref_logprobs, old_values = rollout.logprobs[idx], rollout.ref_logprobs[idx], rollout.values[idx]
+
+        if forward is not None and not torch.equal(forward[0], idx):
+            raise RuntimeError("the precomputed forward is not this mini-batch's")
+        _, new_logprobs, entropy, values = forward if forward is not None else \
+            self._minibatch_forward(rollout, idx, temperature)
         pg_loss, metrics = ppo_policy_loss(new_logprobs, old_logprobs, advantages, mask, cfg.clip_epsilon)
         entropy_mean = masked_mean(entropy if cfg.entropy_coef else entropy.detach(), mask)
         policy_loss = pg_loss - cfg.entropy_coef * entropy_mean
@@ -211,7 +307,6 @@ class PPOTrainer(OnlineRLTrainer):
             kl_ref = masked_mean(kl_penalty(new_logprobs, ref_logprobs, "k3"), mask)
             policy_loss = policy_loss + conservative_kl_penalty(kl_ref, cfg.conservative_kl_threshold,
                                                                 cfg.conservative_kl_coef)
-        values = self.value_parallel(lambda m: self._token_values(ids, attn, P, R, value_model=m))
         vf_loss, vf_metrics = clipped_value_loss(values, old_values, returns, mask, cfg.value_clip)
         value_loss = cfg.value_loss_coef * vf_loss
 

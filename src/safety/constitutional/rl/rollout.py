@@ -54,7 +54,7 @@ class Rollout:
     prompt_width: int              # P
     mask: torch.Tensor             # (batch, R) float, 1 on answer tokens incl. end-of-turn
     finished: torch.Tensor         # (batch,) bool, ended with end-of-turn
-    logprobs: torch.Tensor         # (batch, R) policy at sampling time (the "old" policy)
+    logprobs: torch.Tensor         # (batch, R) policy at sampling time (the "old" policy); PPO may fill it in later
     ref_logprobs: torch.Tensor     # (batch, R)
     values: Optional[torch.Tensor]  # (batch, R) value of the state that predicts each token; None without a critic
     scores: torch.Tensor           # (batch,) raw reward-model score
@@ -287,15 +287,17 @@ class RolloutCollector:
         self.reference, self.scorer = reference, scorer
 
     def collect(self, prompts: Sequence, max_new_tokens: int = 150, temperature: float = 1.0,
-                values: Optional[ValuesFn] = None) -> Rollout:
+                values: Optional[ValuesFn] = None, policy_logprobs: bool = True) -> Rollout:
         """Sample answers and score them: one batched forward per model, under inference_mode.
-        `values` (a critic, or None): per-token values for the rollout, computed first."""
+        `values` (a critic, or None): per-token values for the rollout, computed first.
+        `policy_logprobs=False`: no forward of the policy for the old log-probs (`Rollout.logprobs`
+        is then None, for a trainer that takes them from its first update's forward)."""
         gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, top_k=0,
                                    do_sample=True, batch_size=len(prompts),
                                    max_prompt_tokens=self.config.max_prompt_tokens,
                                    system_prompt=self.config.system_prompt)
         # one generation batch = one log-prob forward of the policy inside `generate`
-        out = generate(self.policy, self.tokenizer, list(prompts), gen_cfg, return_logprobs=True)
+        out = generate(self.policy, self.tokenizer, list(prompts), gen_cfg, return_logprobs=policy_logprobs)
         P, R = out.prompt_ids.shape[1], out.response_ids.shape[1]
         ids, attn = out.input_ids, out.attention_mask
         self.policy.eval()
@@ -307,7 +309,8 @@ class RolloutCollector:
         mask = out.response_mask.float()
         # clone outside inference mode: inference tensors cannot be saved for backward later
         return Rollout(input_ids=ids.clone(), attention_mask=attn.clone(), prompt_width=P, mask=mask.clone(),
-                       finished=out.finished.clone(), logprobs=(out.logprobs * mask).clone(),
+                       finished=out.finished.clone(),
+                       logprobs=(out.logprobs * mask).clone() if out.logprobs is not None else None,
                        ref_logprobs=(ref_logprobs * mask).clone(),
                        values=(token_values * mask).clone() if token_values is not None else None,
                        scores=scores.clone(), texts=out.texts, prompt_texts=out.prompt_texts,
