@@ -9,7 +9,7 @@ from src.safety.constitutional.common.checkpoint import checkpoint_path
 from src.safety.constitutional.common.pairs import PreferencePair, load_pairs
 from src.safety.constitutional.training.generation import left_pad
 from src.safety.constitutional.training.reward_scoring import bradley_terry_loss, encode_pair, pairwise_accuracy
-from src.safety.constitutional.training.reward_training import RewardTrainer, RewardTrainerConfig, truncate_layers
+from src.safety.constitutional.training.reward_training import RewardTrainer, RewardTrainerConfig
 
 
 def _reward_model(tokenizer, num_layers=4, seed=0):
@@ -180,7 +180,7 @@ def test_non_finite_steps_are_skipped_then_stop(tokenizer, tmp_path):
 
 
 def test_truncated_backbone_saves_and_loads(tokenizer, tmp_path):
-    model = truncate_layers(_reward_model(tokenizer), 2)
+    model = _reward_model(tokenizer).keep_bottom_layers(2)
     assert len(model.model.model.layers) == 2 and model.config.num_hidden_layers == 2
     model.save_pretrained(tmp_path / "rm", tokenizer=tokenizer)
     again = RewardModel.from_pretrained(tmp_path / "rm", device="cpu")

@@ -45,7 +45,7 @@ from .stages.critique_revision import CritiqueRevisionConfig, run_critique_revis
 from .stages.evaluation import compare_reports, evaluate_model
 from .stages.preferences import PreferenceConfig, generate_preference_pairs, stage1_pairs, write_pairs
 from .training.generation import GenerationConfig, sharded_across_ranks
-from .training.reward_training import RewardTrainer, RewardTrainerConfig, truncate_layers
+from .training.reward_training import RewardTrainer, RewardTrainerConfig
 from .training.sft import SFTConfig, SFTTrainer
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class DataConfig:
 class RewardStageConfig(RewardTrainerConfig):
     """Stage 2: the reward trainer's settings, plus how the reward model is built from the SFT model."""
 
-    keep_layers: Optional[int] = None   # build the reward model on the bottom K layers only (cheaper to train and to run in RL)
+    keep_layers: Optional[int] = None   # build the reward model on the bottom K layers only (cheaper to train and to run in RL; None/0: all)
 
 
 @dataclass
@@ -345,8 +345,10 @@ class Pipeline:
             more, stats["stage1_pairs"] = self._stage1_pairs()
             train_pairs += more
         random.Random(cfg.seed).shuffle(train_pairs)
-        reward_model = truncate_layers(RewardModel.from_causal_lm(model, device=self.device, dtype=cfg.dtype),
-                                       cfg.reward.keep_layers)
+        # built whole, then cut (not from_causal_lm(keep_layers=)): the head's random init must follow
+        # the same RNG draws as before, so default numbers do not move
+        reward_model = RewardModel.from_causal_lm(model, device=self.device, dtype=cfg.dtype).keep_bottom_layers(
+            cfg.reward.keep_layers)
         del model
         rm_cfg = dataclasses.replace(cfg.reward, output_dir=str(out / "checkpoints"),
                                      log_file=str(out / "metrics.jsonl"))

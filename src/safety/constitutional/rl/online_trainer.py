@@ -271,6 +271,32 @@ class OnlineRLTrainer(LoopCounters):
             return {}
         return {"judge_reward": rollout.judge_scores.mean().item()}
 
+    @staticmethod
+    def _means(acc: Dict[str, List[float]]) -> Callable[[str], float]:
+        """key -> mean of the update's recorded values for it (NaN when none were recorded)."""
+        return lambda key: float(sum(acc[key]) / len(acc[key])) if acc.get(key) else float("nan")
+
+    def _policy_step_stats(self, rollout: Rollout, scores: torch.Tensor, kl: torch.Tensor, beta_used: float,
+                           kl_per_answer: torch.Tensor, acc: Dict[str, List[float]]) -> Dict[str, float]:
+        """The statistics of the rollout and the policy update every online trainer logs; each adds its own
+        (critic, group, loss-form) beside them."""
+        mean, mask = self._means(acc), rollout.mask
+        return {
+            "kl_divergence": kl_per_answer.mean().item(),   # nats per answer, k1, rollout vs reference
+            "kl_per_token": masked_mean(kl_penalty(rollout.logprobs, rollout.ref_logprobs, "k1"), mask).item(),
+            "mean_reward": (scores - beta_used * (kl * mask).sum(1)).mean().item(),  # score - beta*KL, per answer
+            "mean_score": rollout.scores.mean().item(),      # raw reward-model score
+            **self._judge_metrics(rollout),                  # judge_reward, when the hook is on
+            "mean_normalized_score": scores.mean().item(),   # of RM score + judge term
+            "approx_kl": mean("approx_kl"),
+            "clipfrac": mean("clipfrac"),
+            "ratio_mean": mean("ratio_mean"),
+            "ratio_max": max(acc.get("ratio_max", [float("nan")])),
+            "ratio_min": min(acc.get("ratio_min", [float("nan")])),
+            "entropy": mean("entropy"),
+            "policy_grad_norm": mean("policy_grad_norm"),
+        }
+
     def _step_bookkeeping(self, rollout: Rollout, beta_used: float, epochs_done: int, skipped: int,
                           t_rollout: float, t0: float) -> Dict[str, float]:
         """The metrics every online trainer logs for a step besides its losses."""

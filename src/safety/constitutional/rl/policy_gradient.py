@@ -196,31 +196,19 @@ class PolicyGradientTrainer(OnlineRLTrainer):
         beta_used, kl_per_answer = self._close_update(rollout, mask, batch)
         self._maybe_update_reference(self.step + 1)
 
-        mean = lambda key: float(sum(acc[key]) / len(acc[key])) if acc.get(key) else float("nan")  # noqa: E731
+        mean = self._means(acc)
         group_std = rollout.total_scores.view(-1, k).std(1).mean().item() if k > 1 else float("nan")
         stats = {
             "step": self.step + 1,
             "policy_loss": mean("policy_loss"),
-            "kl_divergence": kl_per_answer.mean().item(),   # nats per answer, k1, rollout vs reference
-            "kl_per_token": masked_mean(kl_penalty(rollout.logprobs, rollout.ref_logprobs, "k1"), mask).item(),
+            **self._policy_step_stats(rollout, scores, kl, beta_used, kl_per_answer, acc),
             "kl_ref_loss": mean("kl_ref"),                  # the KL term of the loss (k3), if any
-            "mean_reward": (scores - beta_used * (kl * mask).sum(1)).mean().item(),
-            "mean_score": rollout.scores.mean().item(),      # raw reward-model score
-            **self._judge_metrics(rollout),                  # judge_reward, when the hook is on
-            "mean_normalized_score": scores.mean().item(),
             "group_score_std": group_std,                   # 0 = the groups carry no signal
             "mean_advantage": raw_advantage_mean,
             "advantage_std": advantages[mask.bool()].std().item() if mask.sum() > 1 else float("nan"),
-            "approx_kl": mean("approx_kl"),
-            "clipfrac": mean("clipfrac"),
-            "ratio_mean": mean("ratio_mean"),
-            "ratio_max": max(acc.get("ratio_max", [float("nan")])),
-            "ratio_min": min(acc.get("ratio_min", [float("nan")])),
             "is_clipped_fraction": mean("clipped_fraction"),
             "conservative_penalty": mean("conservative_penalty"),   # conservative_kl_coef > 0 only
             "kl_violation": mean("kl_violation"),                   # share of updates beyond the threshold
-            "entropy": mean("entropy"),
-            "policy_grad_norm": mean("policy_grad_norm"),
             **self._step_bookkeeping(rollout, beta_used, epochs_done, skipped, t_rollout, t0),
         }
         return self._record_step(stats, rollout, skipped)  # the loop's end of step

@@ -218,27 +218,15 @@ class PPOTrainer(OnlineRLTrainer):
         beta_used, kl_per_answer = self._close_update(rollout, mask, batch)
         self._maybe_update_reference(self.step + 1)
 
-        mean = lambda k: float(sum(acc[k]) / len(acc[k])) if acc.get(k) else float("nan")  # noqa: E731
+        mean = self._means(acc)
         stats = {
             "step": self.step + 1,
             "policy_loss": mean("policy_loss"),
             "value_loss": mean("value_loss"),
-            "kl_divergence": kl_per_answer.mean().item(),   # nats per answer, k1, rollout vs reference
-            "kl_per_token": masked_mean(kl_penalty(rollout.logprobs, rollout.ref_logprobs, "k1"), mask).item(),
-            "mean_reward": (scores - beta_used * (kl * mask).sum(1)).mean().item(),  # score - beta*KL, per answer
-            "mean_score": rollout.scores.mean().item(),      # raw reward-model score
-            **self._judge_metrics(rollout),                  # judge_reward, when the hook is on
-            "mean_normalized_score": scores.mean().item(),   # of RM score + judge term
+            **self._policy_step_stats(rollout, scores, kl, beta_used, kl_per_answer, acc),
             "mean_advantage": raw_advantage_mean,
-            "approx_kl": mean("approx_kl"),
-            "clipfrac": mean("clipfrac"),
             "value_clipfrac": mean("vf_clipfrac"),
-            "ratio_mean": mean("ratio_mean"),
-            "ratio_max": max(acc.get("ratio_max", [float("nan")])),
-            "ratio_min": min(acc.get("ratio_min", [float("nan")])),
-            "entropy": mean("entropy"),
             "explained_variance": explained_variance(rollout.values, returns, mask),
-            "policy_grad_norm": mean("policy_grad_norm"),
             "value_grad_norm": mean("value_grad_norm"),
             **self._step_bookkeeping(rollout, beta_used, epochs_done, skipped, t_rollout, t0),
         }

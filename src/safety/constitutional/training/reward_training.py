@@ -130,27 +130,6 @@ def _layer_range(backbone: nn.Module, start: int, stop: int, final_norm: bool = 
         backbone.layers, backbone.norm = layers, norm
 
 
-def truncate_layers(reward_model: RewardModel, num_layers: Optional[int]) -> RewardModel:
-    """Keep only the bottom `num_layers` transformer layers (in place; the final norm and head stay).
-
-    Middle layers of a small LM carry most of what a preference probe needs, and a reward model
-    half as deep costs half as much to train, cache and run during PPO. The result is still a plain
-    HF model (config.num_hidden_layers is updated), so it saves and loads like any other.
-    """
-    backbone = backbone_of(reward_model)
-    if num_layers is None or num_layers >= len(backbone.layers):
-        return reward_model
-    if num_layers < 1:
-        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-    backbone.layers = nn.ModuleList(list(backbone.layers)[:num_layers])
-    reward_model.config.num_hidden_layers = num_layers
-    for attr in ("layer_types",):  # per-layer lists in some configs must shrink too
-        value = getattr(reward_model.config, attr, None)
-        if isinstance(value, list):
-            setattr(reward_model.config, attr, value[:num_layers])
-    return reward_model
-
-
 def freeze_bottom(reward_model: RewardModel, trainable_layers: Optional[int]) -> int:
     """requires_grad only on the top `trainable_layers` layers, the final norm and the head.
     Returns the index of the first trainable layer (0 when everything trains)."""
