@@ -16,7 +16,19 @@ os.environ.setdefault("CAI_PRECISION", "fp32")
 # A fixed thread count, never the adaptive default: many tests compare two runs bit for bit, and fp32
 # reductions round differently at different thread counts (src/models/threads.py). CAI_NUM_THREADS=1 is
 # much faster when other processes share the cores.
-configure_threads(int(os.environ.get("CAI_NUM_THREADS", "").strip() or 0) or available_cpus())
+# The variable is set too, so that a script's main() run in-process (it calls configure_threads() with
+# no number) keeps the fixed count instead of turning adaptive threads on for the rest of the session
+# (which made a bit-exact resume test fail on a busy machine), and subprocesses inherit it.
+THREADS = int(os.environ.get("CAI_NUM_THREADS", "").strip() or 0) or available_cpus()
+os.environ["CAI_NUM_THREADS"] = str(THREADS)
+configure_threads(THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _fixed_threads():
+    """Every test starts at the fixed count, whatever the test before it set."""
+    configure_threads(THREADS)
+    yield
 
 
 @pytest.fixture(scope="session")
