@@ -24,6 +24,18 @@ os.environ["CAI_NUM_THREADS"] = str(THREADS)
 configure_threads(THREADS)
 
 
+def kill_at_step(trainer, step: int) -> None:
+    """Make `trainer.train_step` raise KeyboardInterrupt as it starts step `step` (after step - 1 were
+    done): a simulated kill mid-run, for the crash-and-resume tests."""
+    real_step = trainer.train_step
+
+    def killed(*args, **kwargs):
+        if trainer.step == step - 1:
+            raise KeyboardInterrupt("simulated kill")
+        return real_step(*args, **kwargs)
+    trainer.train_step = killed
+
+
 @pytest.fixture(autouse=True)
 def _fixed_threads():
     """Every test starts at the fixed count, whatever the test before it set."""

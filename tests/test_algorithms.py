@@ -16,6 +16,7 @@ from src.safety.constitutional.rl.ppo_trainer import PPOConfig, PPOTrainer
 from src.safety.constitutional.rl.primitives import (conservative_kl_penalty, discounted_returns, dpo_loss,
                                                      group_advantages, importance_sampling_loss,
                                                      policy_gradient_loss, rloo_baseline, update_reference)
+from conftest import kill_at_step
 
 PROMPTS = ["Say hi", "Name a colour.", "What is two plus two?", "Tell me a short joke about cats."]
 
@@ -192,13 +193,7 @@ def test_resume_gives_identical_weights_grpo(tokenizer, tmp_path):
     out = straight.train(PROMPTS, **args)
 
     first = make_pg(tokenizer, "grpo", **cfg)
-    real_step = first.train_step
-
-    def crash_at_step_3(*a, **k):
-        if first.step == 2:
-            raise KeyboardInterrupt("simulated kill")
-        return real_step(*a, **k)
-    first.train_step = crash_at_step_3
+    kill_at_step(first, 3)
     torch.manual_seed(7)
     with pytest.raises(KeyboardInterrupt):
         first.train(PROMPTS, **args, checkpoint_dir=tmp_path, checkpoint_freq=2)
@@ -261,13 +256,7 @@ def test_dpo_resume_gives_identical_weights(tokenizer, tmp_path):
     straight.train(PAIRS, show_progress=False)
     first = DPOTrainer(build_tiny_llama(tokenizer, seed=0)[0], tokenizer,
                        DPOConfig(**cfg, checkpoint_every=2, checkpoint_dir=str(tmp_path)))
-    real_step = first.train_step
-
-    def crash_at_step_3(*a, **k):
-        if first.step == 2:
-            raise KeyboardInterrupt("simulated kill")
-        return real_step(*a, **k)
-    first.train_step = crash_at_step_3
+    kill_at_step(first, 3)
     with pytest.raises(KeyboardInterrupt):
         first.train(PAIRS, show_progress=False)
     resumed = DPOTrainer(build_tiny_llama(tokenizer, seed=0)[0], tokenizer, DPOConfig(**cfg))

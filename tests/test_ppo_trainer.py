@@ -9,6 +9,7 @@ from torch import nn
 from src.models import RewardModel, ValueModel, build_tiny_llama
 # The guide's import path, which other code uses (the module lives in rl/ppo_trainer.py).
 from src.safety.constitutional.ppo_trainer import PPOConfig, PPOTrainer, PPOTrainingError
+from conftest import kill_at_step
 
 PROMPTS = ["Say hi", "Name a colour.", "What is two plus two?", "Tell me a short joke about cats."]
 FAST = dict(max_length=5, num_epochs_per_batch=1)
@@ -110,13 +111,7 @@ def test_resume_gives_identical_weights(tokenizer, tmp_path):
     # the same run, killed during step 3 (after the step-2 checkpoint) ...
     torch.manual_seed(123)
     first = make_trainer(tokenizer, cfg)
-    real_step = first.train_step
-
-    def crash_at_step_3(*a, **k):
-        if first.step == 2:
-            raise KeyboardInterrupt("simulated kill")
-        return real_step(*a, **k)
-    first.train_step = crash_at_step_3
+    kill_at_step(first, 3)
     torch.manual_seed(7)
     with pytest.raises(KeyboardInterrupt):
         first.train(PROMPTS, **args, checkpoint_dir=tmp_path, checkpoint_freq=2)
@@ -415,13 +410,7 @@ def test_truncated_critic_builds_trains_and_resumes_exactly(tokenizer, tmp_path)
     assert all(h["value_loss"] == h["value_loss"] for h in out["history"])
 
     first = fresh()
-    real_step = first.train_step
-
-    def crash_at_step_3(*a, **k):
-        if first.step == 2:
-            raise KeyboardInterrupt("simulated kill")
-        return real_step(*a, **k)
-    first.train_step = crash_at_step_3
+    kill_at_step(first, 3)
     torch.manual_seed(7)
     with pytest.raises(KeyboardInterrupt):
         first.train(PROMPTS, **args, checkpoint_dir=tmp_path, checkpoint_freq=2)
