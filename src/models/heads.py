@@ -58,6 +58,14 @@ def head_scores(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return head(hidden.to(head.weight.dtype)).squeeze(-1).float()
 
 
+def _keep_config_layers(config, num_layers: int) -> None:
+    """A model config describing only its bottom `num_layers` decoder layers (per-layer lists, such as
+    `layer_types` in some configs, shrink with the count)."""
+    config.num_hidden_layers = num_layers
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:num_layers]
+
+
 class ScalarHeadModel(nn.Module):
     """Backbone + linear head giving one scalar per token; subclasses choose which tokens matter."""
 
@@ -91,11 +99,7 @@ class ScalarHeadModel(nn.Module):
         if num_layers < 0:
             raise ValueError(f"num_layers must be >= 0 (0: all layers), got {num_layers}")
         backbone.layers = nn.ModuleList(list(layers)[:num_layers])
-        self.config.num_hidden_layers = num_layers
-        for attr in ("layer_types",):  # per-layer lists in some configs must shrink too
-            value = getattr(self.config, attr, None)
-            if isinstance(value, list):
-                setattr(self.config, attr, value[:num_layers])
+        _keep_config_layers(self.config, num_layers)
         return self
 
     def token_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -157,9 +161,7 @@ class ScalarHeadModel(nn.Module):
             raise ValueError(f"keep_layers must be >= 0 (0 or None: all layers), got {keep_layers}")
         depth = getattr(config, "num_hidden_layers", None)
         if keep_layers and depth is not None and keep_layers < depth:  # build (and copy) only the kept layers
-            config.num_hidden_layers = keep_layers
-            if isinstance(getattr(config, "layer_types", None), list):
-                config.layer_types = config.layer_types[:keep_layers]
+            _keep_config_layers(config, keep_layers)
         if pad_token_id is not None:
             config.pad_token_id = pad_token_id
         model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
