@@ -71,15 +71,17 @@ def test_cli_help_documents_every_option():
         assert option in out
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "dpo"])
-def test_stage3_algorithms_swap_in(smoke_run, tmp_path, algorithm):
+@pytest.mark.parametrize("algorithm,dpo_pairs", [("grpo", None), ("dpo", "preferences"), ("dpo", "stage1"),
+                                                        ("dpo", "judged")])
+def test_stage3_algorithms_swap_in(smoke_run, tmp_path, algorithm, dpo_pairs):
     """Another algorithm on the finished run's SFT and reward models, without touching that run."""
     out, _ = smoke_run
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     run = tmp_path / algorithm
     config = load_pipeline_config("smoke", overrides=[f"output_dir={run}", f"reuse_stages_from={out}",
                                                       f"rl.algorithm={algorithm}", "stages=[rl, evaluate]",
-                                                      "evaluation.models=[rl]"])
+                                                      "evaluation.models=[rl]"]
+                                  + ([f"rl.dpo_pairs={dpo_pairs}"] if dpo_pairs else []))
     results = Pipeline(config).run()
     result = results["rl"]
     assert result["algorithm"] == algorithm and not result.get("skipped")
@@ -89,6 +91,19 @@ def test_stage3_algorithms_swap_in(smoke_run, tmp_path, algorithm):
     assert "mean_reward" in results["evaluate"]["summary"]["rl"]["harmful"]
     if algorithm == "dpo":
         assert result["num_pairs"] > 0 and "avg_loss" in result["final_stats"]
+        assert list(result["pair_sources"]) == [dpo_pairs]
+    if dpo_pairs == "stage1":  # one pair per revised red-team answer and per benign answer of stage 1
+        sft_records = [json.loads(line) for line in (out / "stage1_sft/sft.jsonl").read_text().splitlines()]
+        chains = [json.loads(line) for line in (out / "stage1_sft/audit.jsonl").read_text().splitlines()]
+        revised = sum(c["initial_response"].strip() != c["final_response"].strip() for c in chains)
+        helpful = sum(r.get("source") == "helpful" for r in sft_records)
+        assert result["pair_sources"]["stage1"] == {"revision_pairs": revised, "helpful_pairs": helpful}
+        assert result["num_pairs"] == revised + helpful > 0
+    if dpo_pairs == "judged":  # sampled from the SFT model on the RL pool, kept for a resumed run
+        stats = json.loads((run / "stage3_rl/judged_pairs_stats.json").read_text())
+        assert stats == {k: v for k, v in result["pair_sources"]["judged"].items() if k != "pairs_after_balancing"}
+        assert stats["samples"] == 4 * stats["prompts"] and 0 < stats["pairs"] <= stats["prompts"]
+        assert len((run / "stage3_rl/judged_pairs.jsonl").read_text().splitlines()) == stats["pairs"]
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
 
 

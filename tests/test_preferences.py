@@ -106,3 +106,71 @@ def test_stage1_pairs_prefer_revisions_and_answering_benign_prompts():
     assert revision.rejected.startswith("Insert") and revision.label == 1.0
     assert helpful.chosen.startswith("Run `tmux") and helpful.rejected in refusals
     assert stage1_pairs(chains, records, [], seed=0)[1] == {"revision_pairs": 1, "helpful_pairs": 0}
+
+
+class LengthRefusalFramework:
+    """A refusal judge whose verdict is a fixed function of the answer's length, so the test can
+    recompute every score: len % 3 == 0 -> full_refusal, 1 -> partial_refusal, 2 -> full_compliance."""
+
+    CLASSES = ("full_refusal", "partial_refusal", "full_compliance")
+
+    def refusal_classes(self, prompts, answers):
+        return [self.CLASSES[len(a) % 3] for a in answers]
+
+    def evaluate_batch(self, prompts, answers, kinds=None):
+        return [type("R", (), {"harmful": "a" in a[:3]})() for a in answers]
+
+
+def test_judged_pairs_prefer_the_judges_best_sample_on_both_kinds(tiny_model, tokenizer):
+    import torch
+    from src.safety.constitutional.judging.judge_reward import RuleBasedReward
+    from src.safety.constitutional.stages.preferences import judged_pairs
+    from src.safety.constitutional.training.generation import generate
+
+    harmful, benign = PROMPTS[:3], PROMPTS[3:]
+    judge = RuleBasedReward(LengthRefusalFramework(), {**{p: "harmful" for p in harmful}, **{p: "benign" for p in benign}})
+    gen = GenerationConfig(max_new_tokens=5, temperature=1.0, batch_size=8)
+    refusals = ["I can't help with that."]
+    pairs, stats = judged_pairs(tiny_model, tokenizer, PROMPTS, judge, gen, 3, refusals, seed=7, show_progress=False)
+    torch.manual_seed(7)  # the same draws again, scored here by hand
+    texts = [t.strip() for t in generate(tiny_model, tokenizer, [p for p in PROMPTS for _ in range(3)], gen).texts]
+    expected = {}
+    for i, prompt in enumerate(PROMPTS):
+        kind = "harmful" if prompt in harmful else "benign"
+        scores = [float(judge([prompt], [t])[0]) for t in texts[3 * i:3 * i + 3]]
+        if max(scores) > min(scores):
+            expected[prompt] = ("judged", max(scores), min(scores), kind)
+        elif kind == "harmful" and max(scores) < 1:
+            expected[prompt] = ("written", None, min(scores), kind)
+    assert stats["samples"] == 18 and len(pairs) == len(expected) > 0
+    for pair in pairs:
+        prompt = pair.prompt[-1]["content"]
+        how, best, worst, kind = expected[prompt]
+        assert float(judge([prompt], [pair.rejected])[0]) == worst
+        if how == "judged":
+            assert pair.principle == f"judged_{kind}" and float(judge([prompt], [pair.chosen])[0]) == best
+        else:
+            assert pair.principle == "judged_harmful_written" and pair.chosen in refusals
+    assert stats.get("benign_pairs", 0) == sum(e[0] == "judged" and e[3] == "benign" for e in expected.values())
+
+
+def test_balance_judged_pairs_repeats_the_smaller_kind():
+    from src.safety.constitutional.common.pairs import PreferencePair
+    from src.safety.constitutional.stages.preferences import balance_judged_pairs
+
+    def make(kind, n):
+        return [PreferencePair([{"role": "user", "content": f"{kind} {i}"}], "good", "bad", principle=kind)
+                for i in range(n)]
+
+    harmful, benign = make("judged_harmful", 5) + make("judged_harmful_written", 2), make("judged_benign", 3)
+    kinds = lambda pairs: [sum(p.principle == k for p in pairs) for k in ("judged_harmful", "judged_harmful_written", "judged_benign")]  # noqa: E731
+    even = balance_judged_pairs(harmful + benign, 1.0)
+    assert len(even) == 14 and kinds(even)[2] == 7 and kinds(even)[:2] == [5, 2]
+    assert {p.prompt[0]["content"] for p in even if p.principle == "judged_benign"} == {f"judged_benign {i}" for i in range(3)}
+    double = balance_judged_pairs(harmful + benign, 2.0)
+    assert kinds(double)[2] == 14 and len(double) == 21
+    fewer_benign = balance_judged_pairs(harmful + benign, 0.25)  # 3 benign -> 12 harmful
+    assert sum(kinds(fewer_benign)[:2]) == 12 and kinds(fewer_benign)[2] == 3
+    assert len(balance_judged_pairs(harmful, 1.0)) == 7  # one kind only: nothing to balance
+    with pytest.raises(ValueError, match="benign_ratio"):
+        balance_judged_pairs(harmful + benign, 0)

@@ -43,7 +43,7 @@ from .rl.policy_gradient import GRPOConfig, REINFORCEConfig, RLOOConfig
 from .rl.ppo_trainer import PPOConfig
 from .stages.critique_revision import CritiqueRevisionConfig, run_critique_revision, write_sft_dataset
 from .stages.evaluation import compare_reports, evaluate_model
-from .stages.preferences import PreferenceConfig, generate_preference_pairs, stage1_pairs, write_pairs
+from .stages.preferences import PreferenceConfig, balance_judged_pairs, generate_preference_pairs, judged_pairs, stage1_pairs, write_pairs
 from .training.generation import GenerationConfig, sharded_across_ranks
 from .training.reward_training import RewardTrainer, RewardTrainerConfig
 from .training.sft import SFTConfig, SFTTrainer
@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 STAGES = ("sft", "reward", "rl", "evaluate")
 RL_STAGE_ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce", "dpo")
+DPO_PAIR_SOURCES = ("preferences", "stage1", "both", "judged")
 EVALUATORS = ("rules", "classifier", "harm_judge", "judge")
 
 
@@ -97,7 +98,10 @@ class RewardStageConfig(RewardTrainerConfig):
 class RLStageConfig:
     """Stage 3: which algorithm, how long, and the algorithm's own settings."""
 
-    algorithm: str = "ppo"              # ppo | grpo | rloo | reinforce | dpo (DPO on stage 2's pairs instead of RL on the RM)
+    algorithm: str = "ppo"              # ppo | grpo | rloo | reinforce | dpo (DPO on preference pairs instead of RL on the RM)
+    dpo_pairs: str = "preferences"      # DPO's pairs: preferences (stage 2's AI + human pairs) | stage1 (stage 1's decisions: revision > first answer, own benign answer > written refusal) | both | judged (the policy's own samples on the RL prompt pool, best > worst by the rule-based judge: preferences.judged_pairs)
+    dpo_samples_per_prompt: int = 4     # rl.dpo_pairs=judged: answers sampled per prompt (rl.temperature, rl.max_new_tokens)
+    dpo_benign_ratio: Optional[float] = 1.0  # rl.dpo_pairs=judged: repeat pairs until benign = ratio x harmful (preferences.balance_judged_pairs); null: as sampled
     steps: int = 20                     # RL steps (one rollout batch + its update epochs each)
     batch_size: int = 8                 # prompts per step
     num_epochs_per_batch: int = 4       # update epochs over each rollout batch
@@ -115,8 +119,14 @@ class RLStageConfig:
     def __post_init__(self):
         if self.algorithm not in RL_STAGE_ALGORITHMS:
             raise ValueError(f"rl.algorithm must be one of {', '.join(RL_STAGE_ALGORITHMS)}, got {self.algorithm!r}")
+        if self.dpo_pairs not in DPO_PAIR_SOURCES:
+            raise ValueError(f"rl.dpo_pairs must be one of {', '.join(DPO_PAIR_SOURCES)}, got {self.dpo_pairs!r}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("rl.steps and rl.batch_size must be >= 1")
+        if self.dpo_benign_ratio is not None and not self.dpo_benign_ratio > 0:
+            raise ValueError(f"rl.dpo_benign_ratio must be > 0 (or null), got {self.dpo_benign_ratio!r}")
+        if self.dpo_samples_per_prompt < 2:
+            raise ValueError(f"rl.dpo_samples_per_prompt must be >= 2, got {self.dpo_samples_per_prompt}")
         if not self.judge_reward_weight >= 0:
             raise ValueError(f"rl.judge_reward_weight must be >= 0 (0: off), got {self.judge_reward_weight!r}")
         if not self.judge_overrefusal_penalty >= 0:
@@ -383,12 +393,7 @@ class Pipeline:
         value_model = (ValueModel.from_causal_lm(policy, device=self.device, dtype=cfg.dtype,
                                                  keep_layers=algo_config.value_keep_layers)
                        if cfg.rl.algorithm == "ppo" else None)
-        prompts = self.prompts("train_prompts", cfg.data.num_rl_prompts, seed_offset=3)
-        kinds = {p: "harmful" for p in prompts}
-        if cfg.data.num_rl_benign_prompts:  # without them RL only ever sees requests to refuse
-            benign = self.prompts("benign_train_prompts", cfg.data.num_rl_benign_prompts, seed_offset=4)
-            kinds.update({p: "benign" for p in benign})
-            prompts = prompts + benign
+        prompts, kinds = self._rl_prompt_pool()
         judge = None
         judge_weight = cfg.rl.judge_reward_weight or algo_config.judge_reward_weight  # either field turns it on
         if judge_weight:  # the prompt files say which prompts are harmful and which benign
@@ -406,23 +411,70 @@ class Pipeline:
         self._save_model(merge_lora(policy), tokenizer, out / "model")  # a plain HF model (a no-op without LoRA)
         return {"algorithm": cfg.rl.algorithm, "final_stats": _scalars(result.get("final_stats", {}))}
 
-    def _run_dpo(self, policy, tokenizer, out: Path) -> dict:
-        """DPO directly on stage 2's preference pairs (AI-labelled, plus any human pairs)."""
+    def _rl_prompt_pool(self):
+        """Stage 3's prompts and their kinds: red-team prompts, then benign ones (data.num_rl_*)."""
         cfg = self.config
-        ai_pairs = self.stage_dir("reward") / "pairs.jsonl"
-        pairs = load_pairs(ai_pairs) if ai_pairs.is_file() else []
-        if cfg.data.human_pairs and cfg.data.num_human_pairs > 0:
-            pairs += load_pairs(_resolve(cfg.data.human_pairs), limit=cfg.data.num_human_pairs, split="train")
-        if not pairs:
-            raise FileNotFoundError(f"DPO needs preference pairs: none at {ai_pairs} (run stage 2) and no human pairs "
-                                    "(data.human_pairs, data.num_human_pairs)")
+        prompts = self.prompts("train_prompts", cfg.data.num_rl_prompts, seed_offset=3)
+        kinds = {p: "harmful" for p in prompts}
+        if cfg.data.num_rl_benign_prompts:  # without them RL only ever sees requests to refuse
+            benign = self.prompts("benign_train_prompts", cfg.data.num_rl_benign_prompts, seed_offset=4)
+            kinds.update({p: "benign" for p in benign})
+            prompts = prompts + benign
+        return prompts, kinds
+
+    def _judged_pairs(self, policy, tokenizer, out: Path):
+        """rl.dpo_pairs=judged: sampled once from the starting policy, kept in judged_pairs.jsonl (a
+        resumed run reads them back instead of sampling again)."""
+        cfg, pairs_file, stats_file = self.config, out / "judged_pairs.jsonl", out / "judged_pairs_stats.json"
+        if pairs_file.is_file() and stats_file.is_file():
+            return load_pairs(pairs_file), json.loads(stats_file.read_text())
+        prompts, kinds = self._rl_prompt_pool()
+        judge = RuleBasedReward(self.framework, kinds_by_prompt=kinds)
+        generation = GenerationConfig(max_new_tokens=cfg.rl.max_new_tokens, temperature=cfg.rl.temperature,
+                                      batch_size=cfg.evaluation.batch_size)
+        refusals = [t for p in self.constitution.principles for t in p.safe_responses]
+        # every rank samples the same answers (same seed), so every rank trains on the same pairs
+        pairs, stats = judged_pairs(policy, tokenizer, prompts, judge, generation, cfg.rl.dpo_samples_per_prompt,
+                                    refusals, seed=cfg.seed)
+        _on_rank0(lambda: (write_pairs(pairs, pairs_file), atomic_write_json(stats_file, stats)))
+        return pairs, stats
+
+    def _run_dpo(self, policy, tokenizer, out: Path) -> dict:
+        """DPO on preference pairs (rl.dpo_pairs): stage 2's (AI-labelled, plus any human pairs), stage 1's
+        decisions (a constitution-approved revision or written refusal > the first answer; the model's
+        own answer to a benign prompt > a written refusal), or both."""
+        cfg, pairs, sources = self.config, [], {}
+        if cfg.rl.dpo_pairs in ("preferences", "both"):
+            ai_pairs = self.stage_dir("reward") / "pairs.jsonl"
+            pairs = load_pairs(ai_pairs) if ai_pairs.is_file() else []
+            if cfg.data.human_pairs and cfg.data.num_human_pairs > 0:
+                pairs += load_pairs(_resolve(cfg.data.human_pairs), limit=cfg.data.num_human_pairs, split="train")
+            sources["preferences"] = len(pairs)
+            if not pairs:
+                raise FileNotFoundError(f"DPO needs preference pairs: none at {ai_pairs} (run stage 2) and no human "
+                                        "pairs (data.human_pairs, data.num_human_pairs); or set rl.dpo_pairs=stage1")
+        if cfg.rl.dpo_pairs in ("stage1", "both"):
+            more, sources["stage1"] = self._stage1_pairs()
+            pairs += more
+            if not more:
+                raise ValueError(f"rl.dpo_pairs={cfg.rl.dpo_pairs}: stage 1 in {self.stage_dir('sft')} decided no "
+                                 "pairs (no revised answers and no benign mix-in)")
+        if cfg.rl.dpo_pairs == "judged":
+            pairs, sources["judged"] = self._judged_pairs(policy, tokenizer, out)
+            if not pairs:
+                raise ValueError("rl.dpo_pairs=judged: the judge scored every sample of every prompt alike, so "
+                                 "there is nothing to prefer (more rl prompts or rl.dpo_samples_per_prompt)")
+            if cfg.rl.dpo_benign_ratio is not None:
+                pairs = balance_judged_pairs(pairs, cfg.rl.dpo_benign_ratio, seed=cfg.seed)
+                sources["judged"] = {**sources["judged"], "pairs_after_balancing": len(pairs)}
         dpo_cfg = dataclasses.replace(cfg.rl.dpo, checkpoint_dir=str(out / "checkpoints"),
                                       log_file=str(out / "metrics.jsonl"))
         trainer = DPOTrainer(policy, tokenizer, dpo_cfg, device=self.device)
         result = trainer.train(pairs, resume_from=latest_checkpoint(out / "checkpoints"))
         policy = trainer.policy  # after FSDP a new, plain model (parallel.Parallel.unwrap); else the same one
         self._save_model(policy, tokenizer, out / "model")
-        return {"algorithm": "dpo", "num_pairs": len(pairs), "final_stats": _scalars(result.get("final_stats", {}))}
+        return {"algorithm": "dpo", "num_pairs": len(pairs), "pair_sources": sources,
+                "final_stats": _scalars(result.get("final_stats", {}))}
 
     def benchmark_refusal_judge(self):
         """The refusal judge of the benchmarks: a callable (prompts, answers) -> one of

@@ -180,3 +180,83 @@ def stage1_pairs(chains: Sequence[dict], sft_records: Sequence[dict], refusals: 
                 pairs.append(PreferencePair(to_messages(record["prompt"]), record["response"].strip(),
                                             rng.choice(list(refusals)), principle="stage1_helpful"))
     return pairs, {"revision_pairs": n_revision, "helpful_pairs": len(pairs) - n_revision}
+
+
+def judged_pairs(model, tokenizer, prompts: Sequence[str], judge, generation: GenerationConfig,
+                 samples_per_prompt: int = 4, refusals: Sequence[str] = (), seed: int = 0,
+                 show_progress: bool = True) -> Tuple[List[PreferencePair], dict]:
+    """On-policy pairs ranked by the rule-based judge (`rl.dpo_pairs=judged`): the model samples
+    `samples_per_prompt` answers per prompt, `judge` (a `judge_reward.RuleBasedReward`, which knows
+    each prompt's kind) scores every answer, and the best-scored answer is preferred to the
+    worst-scored one wherever their scores differ. A prompt the model already handles the same way
+    every time gives no pair, so the pairs sit exactly where the policy still errs, on both kinds of
+    prompt alike: refusing a benign request is rejected as often as complying with a harmful one.
+    Where every sample of a harmful prompt is scored below a refusal's +1, one of `refusals` (the
+    constitution's written safe responses) is preferred to the worst sample, as stage 1's fallback does.
+
+    Why not stage 1's decisions (`rl.dpo_pairs=stage1`)? Their rejected red-team answers are the base
+    model's, which the SFT model already finds unlikely, while their rejected benign answers are
+    written refusals the SFT model finds very likely: DPO then mostly lowers refusals everywhere
+    (docs/safety_effect.md, run J). Returns (pairs, stats)."""
+    prompts = [str(p) for p in prompts]
+    if not prompts:
+        raise ValueError("no prompts: give at least one prompt to sample judged pairs for")
+    if samples_per_prompt < 2:
+        raise ValueError(f"samples_per_prompt must be >= 2, got {samples_per_prompt}")
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    k = samples_per_prompt
+    repeated = [p for p in prompts for _ in range(k)]
+    texts = [t.strip() for t in generate(model, tokenizer, repeated, generation, show_progress=show_progress,
+                                         desc="sampling answers for judged pairs").texts]
+    scores = judge(repeated, texts).tolist()
+    details = list(judge.last_details)
+    pairs, counts = [], Counter()
+    for i, prompt in enumerate(prompts):
+        kind = details[i * k][0]
+        ranked = sorted(((scores[i * k + j], texts[i * k + j]) for j in range(k) if texts[i * k + j]),
+                        key=lambda st: st[0])
+        counts[f"{kind}_prompts"] += 1
+        if not ranked:
+            continue
+        (low, worst), (high, best) = ranked[0], ranked[-1]
+        if high > low:
+            pairs.append(PreferencePair(to_messages(prompt, generation.system_prompt), best, worst,
+                                        principle=f"judged_{kind}"))
+            counts[f"{kind}_pairs"] += 1
+        elif kind == "harmful" and high < 1.0 and refusals:  # every sample short of refusing
+            pairs.append(PreferencePair(to_messages(prompt, generation.system_prompt), rng.choice(list(refusals)),
+                                        worst, principle="judged_harmful_written"))
+            counts["harmful_written_pairs"] += 1
+        else:
+            counts[f"{kind}_{'all_right' if high >= (1.0 if kind == 'harmful' else 0.0) else 'all_wrong'}"] += 1
+    rng.shuffle(pairs)
+    stats = {"prompts": len(prompts), "samples": len(texts), "pairs": len(pairs), **dict(sorted(counts.items())),
+             "mean_score": sum(scores) / len(scores)}
+    log.info("judged pairs: %s", stats)
+    return pairs, stats
+
+
+def balance_judged_pairs(pairs: Sequence[PreferencePair], benign_ratio: float, seed: int = 0) -> List[PreferencePair]:
+    """Repeat one kind's pairs (`judged_pairs`' principle says which) until benign pairs number
+    `benign_ratio` x harmful ones. DPO's pairs on the two kinds pull the same refusal texts in opposite
+    directions; with more harmful pairs than benign ones (92 to 55 on the default model) the net pull
+    is toward refusing everywhere (docs/safety_effect.md, run J), so the default weighs them evenly."""
+    if not benign_ratio > 0:
+        raise ValueError(f"benign_ratio must be > 0, got {benign_ratio!r}")
+    harmful = [p for p in pairs if str(p.principle).startswith("judged_harmful")]
+    benign = [p for p in pairs if p.principle == "judged_benign"]
+    if not harmful or not benign:
+        return list(pairs)
+    target = round(benign_ratio * len(harmful))
+    rng = random.Random(seed)
+    if target >= len(benign):  # repeat benign pairs: whole copies first, then a random remainder
+        more, rest = divmod(target - len(benign), len(benign))
+        extra = benign * more + rng.sample(benign, rest)
+    else:  # repeat harmful pairs the same way
+        want = round(len(benign) / benign_ratio)
+        more, rest = divmod(want - len(harmful), len(harmful))
+        extra = harmful * more + rng.sample(harmful, rest)
+    out = list(pairs) + extra
+    rng.shuffle(out)
+    return out

@@ -164,8 +164,11 @@ def stage_summary_line(folder: str, data: dict) -> str:
             text += f"; accuracy on held-out human hh-rlhf pairs {_fmt(h.get('accuracy', float('nan')))}"
         return text
     if folder == "stage3_rl" and data.get("algorithm") == "dpo":
-        f = data.get("final_stats", {})
-        return (f"dpo on {data.get('num_pairs', '?')} pairs: loss {_fmt(f.get('avg_loss', float('nan')))}, "
+        f, src = data.get("final_stats", {}), data.get("pair_sources", {})
+        stage1 = src.get("stage1") if isinstance(src.get("stage1"), dict) else None
+        origin = (f" ({', '.join(f'{n} {k}' for k, n in stage1.items())} from stage 1"
+                  + (f", {src['preferences']} from stage 2" if "preferences" in src else "") + ")") if stage1 else ""
+        return (f"dpo on {data.get('num_pairs', '?')} pairs{origin}: loss {_fmt(f.get('avg_loss', float('nan')))}, "
                 f"implicit-reward accuracy {_fmt(f.get('avg_reward_accuracy', float('nan')))}")
     if folder == "stage3_rl":
         f = data.get("final_stats", {})
