@@ -43,7 +43,8 @@ from .rl.policy_gradient import GRPOConfig, REINFORCEConfig, RLOOConfig
 from .rl.ppo_trainer import PPOConfig
 from .stages.critique_revision import CritiqueRevisionConfig, run_critique_revision, write_sft_dataset
 from .stages.evaluation import compare_reports, evaluate_model
-from .stages.preferences import PreferenceConfig, balance_judged_pairs, generate_preference_pairs, judged_pairs, stage1_pairs, write_pairs
+from .stages.preferences import (PreferenceConfig, balance_judged_pairs, generate_preference_pairs, judged_pairs,
+                                 stage1_pairs, write_pairs)
 from .training.generation import GenerationConfig, sharded_across_ranks
 from .training.reward_training import RewardTrainer, RewardTrainerConfig
 from .training.sft import SFTConfig, SFTTrainer
@@ -442,7 +443,8 @@ class Pipeline:
     def _run_dpo(self, policy, tokenizer, out: Path) -> dict:
         """DPO on preference pairs (rl.dpo_pairs): stage 2's (AI-labelled, plus any human pairs), stage 1's
         decisions (a constitution-approved revision or written refusal > the first answer; the model's
-        own answer to a benign prompt > a written refusal), or both."""
+        own answer to a benign prompt > a written refusal), both, or judged (the starting policy's own
+        samples on the RL prompt pool, best > worst by the rule-based judge, balanced by kind)."""
         cfg, pairs, sources = self.config, [], {}
         if cfg.rl.dpo_pairs in ("preferences", "both"):
             ai_pairs = self.stage_dir("reward") / "pairs.jsonl"

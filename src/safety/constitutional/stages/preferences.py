@@ -241,7 +241,7 @@ def balance_judged_pairs(pairs: Sequence[PreferencePair], benign_ratio: float, s
     """Repeat one kind's pairs (`judged_pairs`' principle says which) until benign pairs number
     `benign_ratio` x harmful ones. DPO's pairs on the two kinds pull the same refusal texts in opposite
     directions; with more harmful pairs than benign ones (92 to 55 on the default model) the net pull
-    is toward refusing everywhere (docs/safety_effect.md, run J), so the default weighs them evenly."""
+    is toward refusing everywhere (docs/safety_effect.md, run K0), so the default weighs them evenly."""
     if not benign_ratio > 0:
         raise ValueError(f"benign_ratio must be > 0, got {benign_ratio!r}")
     harmful = [p for p in pairs if str(p.principle).startswith("judged_harmful")]
