@@ -381,8 +381,8 @@ class Pipeline:
         if not (sft / "audit.jsonl").is_file() or not (sft / "sft.jsonl").is_file():
             raise FileNotFoundError(f"data.stage1_pairs: no stage-1 audit.jsonl and sft.jsonl in {sft} (run stage 1 "
                                     "first, or reuse_stages_from a run that has)")
-        refusals = [t for p in self.constitution.principles for t in p.safe_responses]
-        return stage1_pairs(read_jsonl(sft / "audit.jsonl"), read_jsonl(sft / "sft.jsonl"), refusals, seed=self.config.seed)
+        return stage1_pairs(read_jsonl(sft / "audit.jsonl"), read_jsonl(sft / "sft.jsonl"),
+                            self.constitution.safe_responses, seed=self.config.seed)
 
     def run_rl(self) -> dict:
         cfg, out = self.config, self.stage_dir("rl")
@@ -433,10 +433,9 @@ class Pipeline:
         judge = RuleBasedReward(self.framework, kinds_by_prompt=kinds)
         generation = GenerationConfig(max_new_tokens=cfg.rl.max_new_tokens, temperature=cfg.rl.temperature,
                                       batch_size=cfg.evaluation.batch_size)
-        refusals = [t for p in self.constitution.principles for t in p.safe_responses]
         # every rank samples the same answers (same seed), so every rank trains on the same pairs
         pairs, stats = judged_pairs(policy, tokenizer, prompts, judge, generation, cfg.rl.dpo_samples_per_prompt,
-                                    refusals, seed=cfg.seed)
+                                    self.constitution.safe_responses, seed=cfg.seed)
         _on_rank0(lambda: (write_pairs(pairs, pairs_file), atomic_write_json(stats_file, stats)))
         return pairs, stats
 

@@ -200,6 +200,12 @@ class Constitution:
     def names(self) -> List[str]:
         return [p.name for p in self.principles]
 
+    @property
+    def safe_responses(self) -> List[str]:
+        """Every principle's written safe responses, in principle order (stage 1's fallback texts; the
+        written refusals of stage-1 and judged preference pairs)."""
+        return [text for p in self.principles for text in p.safe_responses]
+
     def sample(self, rng: random.Random, kind: Optional[str] = None) -> Principle:
         """One principle, drawn with probability proportional to its weight (as the CAI paper draws
         a principle per critique). With `kind`, only principles that apply to that prompt kind."""

@@ -248,15 +248,16 @@ def balance_judged_pairs(pairs: Sequence[PreferencePair], benign_ratio: float, s
     benign = [p for p in pairs if p.principle == "judged_benign"]
     if not harmful or not benign:
         return list(pairs)
-    target = round(benign_ratio * len(harmful))
     rng = random.Random(seed)
-    if target >= len(benign):  # repeat benign pairs: whole copies first, then a random remainder
-        more, rest = divmod(target - len(benign), len(benign))
-        extra = benign * more + rng.sample(benign, rest)
-    else:  # repeat harmful pairs the same way
-        want = round(len(benign) / benign_ratio)
-        more, rest = divmod(want - len(harmful), len(harmful))
-        extra = harmful * more + rng.sample(harmful, rest)
+
+    def repeats(kind: List[PreferencePair], total: int) -> List[PreferencePair]:
+        """The copies that bring `kind` up to `total` pairs: whole copies first, then a random remainder."""
+        more, rest = divmod(total - len(kind), len(kind))
+        return kind * more + rng.sample(kind, rest)
+
+    target = round(benign_ratio * len(harmful))
+    extra = (repeats(benign, target) if target >= len(benign)
+             else repeats(harmful, round(len(benign) / benign_ratio)))
     out = list(pairs) + extra
     rng.shuffle(out)
     return out
