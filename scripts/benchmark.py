@@ -17,8 +17,9 @@ the machine hits both alike):
   sft         SFT tokens/s (ours vs trl.SFTTrainer)
   ppo         seconds for one PPO iteration: batch 8, answers up to 48 tokens, 4 PPO epochs
               (ours vs trl.experimental.ppo.PPOTrainer, see below)
-  judge       seconds to judge 1,000 answers (the labelled answers in data/labels, cycled) with the
-              pipeline's default framework: rules + harm judge + refusal classifier
+  judge       seconds to judge 1,000 answers with the pipeline's default framework (rules + harm judge +
+              refusal classifier): the labelled answers of data/labels in file order (about two
+              answers per prompt), and one answer per prompt (each prompt's first, cycled)
   shared      a small train-like step alone and beside one single-threaded competing process, threads
               fixed at one per core vs adaptive (src/models/threads.py): the busy-machine slowdown
   pipeline    seconds per stage of the whole pipeline (`default` preset, every stage) on a small fixed
@@ -848,22 +849,27 @@ def section_judge(b: Bench):
 
     rows = read_jsonl(ROOT / "data" / "labels" / "refusal_labels.jsonl", skip_torn_tail=False)
     n = 24 if b.small else 1000
-    rows = [rows[i % len(rows)] for i in range(n)]
-    prompts, answers = [r["prompt"] for r in rows], [r["completion"] for r in rows]
+    first = list({json.dumps(r["prompt"], sort_keys=True): r for r in reversed(rows)}.values())[::-1]
+    workloads = {"labelled answers in file order": [rows[i % len(rows)] for i in range(n)],
+                 "one answer per prompt": [first[i % len(first)] for i in range(n)]}
     t0 = time.perf_counter()
     framework = ConstitutionalFramework(harm_judge="default", refusal_classifier="default",
                                         device=str(b.device))
-    framework.evaluate_batch(prompts[:4], answers[:4])  # loads the embedder and the backbone
+    framework.evaluate_batch([r["prompt"] for r in rows[:4]], [r["completion"] for r in rows[:4]])  # loads the backbone
     load_s = time.perf_counter() - t0
-    for evaluator in framework.evaluators.values():  # time real work, not the backbone's encoding cache
-        getattr(getattr(evaluator, "features", None), "_recent", {}).clear()
-    with PeakMemory(b.device) as pm:
-        t0, c0 = time.perf_counter(), time.process_time()
-        results = framework.evaluate_batch(prompts, answers, kinds=[r["kind"] for r in rows])
-        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-    yield _round({"section": "judge", "answers": n, "seconds": dt, "answers_per_s": n / dt, "cpu_seconds": cpu,
-                  "load_seconds": load_s, "evaluators": list(framework.evaluators), "refusal_classifier": True,
-                  "refused": sum(r.refused for r in results), "peak_mem_mb": pm.peak_mb})
+    for workload, chosen in workloads.items():
+        prompts, answers = [r["prompt"] for r in chosen], [r["completion"] for r in chosen]
+        for evaluator in framework.evaluators.values():  # time real work, not the backbone's encoding cache
+            getattr(getattr(evaluator, "features", None), "_recent", {}).clear()
+        with PeakMemory(b.device) as pm:
+            t0, c0 = time.perf_counter(), time.process_time()
+            results = framework.evaluate_batch(prompts, answers, kinds=[r["kind"] for r in chosen])
+            dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        yield _round({"section": "judge", "workload": workload, "answers": n,
+                      "distinct_prompts": len({json.dumps(p, sort_keys=True) for p in prompts}),
+                      "seconds": dt, "answers_per_s": n / dt, "cpu_seconds": cpu, "load_seconds": load_s,
+                      "evaluators": list(framework.evaluators), "refusal_classifier": True,
+                      "refused": sum(r.refused for r in results), "peak_mem_mb": pm.peak_mb})
 
 
 # Another job on the machine: one thread of matmuls, like a second training run with CAI_NUM_THREADS=1.

@@ -31,8 +31,8 @@ class ScriptedFramework(ConstitutionalFramework):
         super().__init__(constitution)
         self.calls = 0
 
-    def evaluate_batch(self, prompts, responses, batch_size=16, kinds=None):
-        results = super().evaluate_batch(prompts, responses, batch_size, kinds)
+    def evaluate_batch(self, prompts, responses, chunk_size=1024, kinds=None):
+        results = super().evaluate_batch(prompts, responses, chunk_size, kinds)
         if kinds is not None and kinds[0] == "benign":
             return results
         self.calls += 1
@@ -168,8 +168,8 @@ class HarmfulUnlessFramework(ConstitutionalFramework):
     """Real rules framework; additionally marks every answer harmful except those at candidate slot 1
     (second sample of each group), so best-of-k must pick slot 1 and nothing harmful may reach SFT."""
 
-    def evaluate_batch(self, prompts, responses, batch_size=16, kinds=None):
-        results = super().evaluate_batch(prompts, responses, batch_size, kinds)
+    def evaluate_batch(self, prompts, responses, chunk_size=1024, kinds=None):
+        results = super().evaluate_batch(prompts, responses, chunk_size, kinds)
         if kinds is not None and kinds[0] == "benign":
             return results
         k = 3 if len(prompts) == 3 * len(RED) else 1

@@ -69,7 +69,7 @@ def test_privacy_and_fairness_rules(framework):
 def test_batched_equals_single(framework):
     prompts = [BOMB, BOMB, KILL_PROC, "Tell me a joke."]
     answers = [REFUSAL, HOWTO, HELPFUL, "Why did the chicken cross the road? To get to the other side."]
-    batched = framework.evaluate_batch(prompts, answers, batch_size=3)
+    batched = framework.evaluate_batch(prompts, answers, chunk_size=3)
     for prompt, answer, result in zip(prompts, answers, batched):
         single = framework.evaluate(prompt, answer)
         assert single.aggregate == result.aggregate

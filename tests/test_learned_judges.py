@@ -140,6 +140,42 @@ def test_backbone_features_are_the_mean_over_answer_tokens_and_ignore_padding():
     np.testing.assert_allclose(batched[1], alone[0], atol=1e-5)  # left padding in the batch changes nothing
 
 
+def test_each_prompt_runs_once_and_features_equal_one_forward_per_answer(monkeypatch):
+    """Answers to one prompt read that prompt's cached keys and values; the chat template's opening
+    runs once; chunks split only between prompts. The features are those of one plain forward over
+    prompt + answer, and the backbone runs exactly the tokens that sharing leaves."""
+    import src.safety.constitutional.judging.evaluators.harm_judge as harm_judge
+
+    features = BackboneFeatures("tiny", layers=(2, 1), max_length=48, batch_size=1)
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    prompts = (["How do I bake bread?"] * 3 + ["Hi"] * 2 + [conversation] * 2
+               + ["word " * 60, "How do I bake bread?"])  # the long one loses its start (and the opening)
+    answers = ["Knead the dough.", "I can't help with that.", "Bake it.", "Hello!", "Hi, how can I help?",
+               "Sure.", "Brief.", "Okay then, here goes a long answer " * 3, "Knead the dough."]
+    items = [features.encode_one(p, a) for p, a in zip(prompts, answers)]
+    with torch.inference_mode():
+        expected = []
+        for ids, start in items:
+            states = features.backbone(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+            expected.append(np.r_[states[2][0, start:].mean(0).numpy(), states[1][0, start:].mean(0).numpy()])
+    distinct = {tuple(ids[:start]) for ids, start in items}
+    opening = harm_judge._shared_opening(sorted(distinct))
+    assert len(opening) >= 8 and sum(p[:len(opening)] == opening for p in distinct) == 2  # not the cut or system one
+    run = []
+    hook = features.backbone.embed_tokens.register_forward_hook(lambda m, inp, out: run.append(inp[0].numel()))
+    np.testing.assert_allclose(features._encode(prompts, answers), np.array(expected), atol=2e-5)
+    hook.remove()
+    shared_tokens = len(opening) + sum(len(p) - (len(opening) if p[:len(opening)] == opening else 0) for p in distinct)
+    assert sum(run) == shared_tokens + sum(len(ids) - start for ids, start in items)  # batch 1: no padding
+    assert sum(run) < sum(len(ids) for ids, _ in items)
+
+    monkeypatch.setattr(harm_judge, "_PAST_BYTES", 1)  # one prompt per chunk
+    features.batch_size = 3  # padded batches: rows of unlike lengths
+    chunks = features._chunks(items)
+    assert len(chunks) == len(distinct) and sorted(i for c in chunks for i in c) == list(range(len(items)))
+    np.testing.assert_allclose(features._encode(prompts, answers), np.array(expected), atol=2e-5)
+
+
 @pytest.fixture(scope="module")
 def shipped_harm_judge():
     if not DEFAULT_HARM_WEIGHTS.is_file():

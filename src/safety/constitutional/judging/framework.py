@@ -23,6 +23,10 @@ from .evaluators.rules import RuleEvaluator, is_harmful_request, is_refusal
 
 __all__ = ["Comparison", "ConstitutionalFramework", "EvaluationResult", "PrincipleScore"]
 
+# Items handed to an evaluator per call. Evaluators batch their own forward passes; a large chunk
+# lets the backbone judges sort answers by length and run each prompt once for all its answers.
+CHUNK_SIZE = 1024
+
 
 @dataclass
 class EvaluationResult:
@@ -148,26 +152,31 @@ class ConstitutionalFramework:
     def evaluate(self, prompt: str, response: str, kind: Optional[str] = None) -> EvaluationResult:
         return self.evaluate_batch([prompt], [response], kinds=[kind])[0]
 
-    def evaluate_batch(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16,
+    def evaluate_batch(self, prompts: Sequence[str], responses: Sequence[str], chunk_size: int = CHUNK_SIZE,
                        kinds=None) -> List[EvaluationResult]:
         """Score every (prompt, response); `kinds` ("harmful"/"benign", one per prompt or one for
-        all) says which principles apply; None detects it from the prompt with the rules."""
+        all) says which principles apply; None detects it from the prompt with the rules.
+        Each evaluator gets up to `chunk_size` items at a time and batches its own forward passes."""
         prompts, responses = list(prompts), list(responses)
         self._check_lengths(prompts, responses)
         kinds = self._kinds(prompts, kinds)
-        per_item: List[Dict[str, Dict[str, PrincipleScore]]] = [dict() for _ in prompts]
-        for name, evaluator in self.evaluators.items():
-            covered = [p for p in self.principles if name in self._evaluators_for(p)]
-            if not covered:
-                continue
-            for start in range(0, len(prompts), batch_size):
-                stop = start + batch_size
-                rows = evaluator.score_batch(prompts[start:stop], responses[start:stop], covered, kinds[start:stop])
-                for offset, row in enumerate(rows):
+        results: List[EvaluationResult] = []
+        for start in range(0, len(prompts), chunk_size):
+            # one chunk through every evaluator and the refusal classifier in turn: the learned judges
+            # read the same backbone features, which stay in its cache for the chunk
+            chunk = slice(start, start + chunk_size)
+            per_item: List[Dict[str, Dict[str, PrincipleScore]]] = [dict() for _ in prompts[chunk]]
+            for name, evaluator in self.evaluators.items():
+                covered = [p for p in self.principles if name in self._evaluators_for(p)]
+                if not covered:
+                    continue
+                rows = evaluator.score_batch(prompts[chunk], responses[chunk], covered, kinds[chunk])
+                for found, row in zip(per_item, rows):
                     for principle, score in zip(covered, row):
-                        per_item[start + offset].setdefault(principle.name, {})[name] = score
-        classes = self.refusal_classes(prompts, responses)
-        return [self._combine(cls, kind, found) for cls, kind, found in zip(classes, kinds, per_item)]
+                        found.setdefault(principle.name, {})[name] = score
+            classes = self.refusal_classes(prompts[chunk], responses[chunk])
+            results += [self._combine(cls, kind, found) for cls, kind, found in zip(classes, kinds[chunk], per_item)]
+        return results
 
     def _combine(self, refusal_class: str, kind: str, found: Dict[str, Dict[str, PrincipleScore]]) -> EvaluationResult:
         scores: Dict[str, PrincipleScore] = {}
@@ -199,7 +208,7 @@ class ConstitutionalFramework:
         return self.compare_batch([prompt], [response_a], [response_b], principle=principle, kinds=[kind])[0]
 
     def compare_batch(self, prompts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str],
-                      principle: Optional[str] = None, kinds=None, batch_size: int = 16) -> List[Comparison]:
+                      principle: Optional[str] = None, kinds=None, chunk_size: int = CHUNK_SIZE) -> List[Comparison]:
         """P(a complies better than b) per pair: the principle-weighted mean of per-principle
         probabilities, each the evaluator-weighted mean of that principle's evaluators.
         Every piece is symmetric, so compare(a, b) + compare(b, a) == 1."""
@@ -212,8 +221,8 @@ class ConstitutionalFramework:
             covered = [p for p in selected if name in self._evaluators_for(p)]
             if not covered:
                 continue
-            for start in range(0, len(prompts), batch_size):
-                stop = start + batch_size
+            for start in range(0, len(prompts), chunk_size):
+                stop = start + chunk_size
                 rows = evaluator.compare_batch(prompts[start:stop], responses_a[start:stop],
                                                responses_b[start:stop], covered, kinds[start:stop])
                 for offset, row in enumerate(rows):

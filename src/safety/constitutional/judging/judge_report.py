@@ -394,12 +394,9 @@ class FrameworkEvaluator:
             self.framework.evaluators.pop("rules")  # the framework always adds the rules; measure without
 
     def compare_pairs(self, prompts, chosen, rejected) -> np.ndarray:
-        probs = []
-        for s in range(0, len(prompts), 32):
-            comparisons = self.framework.compare_batch(prompts[s:s + 32], chosen[s:s + 32], rejected[s:s + 32],
-                                                       principle=self.principle, kinds=self.options.pair_kind)
-            probs += [c.prob_a_better for c in comparisons]
-        return np.asarray(probs, dtype=np.float64)
+        comparisons = self.framework.compare_batch(prompts, chosen, rejected, principle=self.principle,
+                                                   kinds=self.options.pair_kind)
+        return np.asarray([c.prob_a_better for c in comparisons], dtype=np.float64)
 
     def refusal_proba(self, prompts, completions) -> np.ndarray:
         out = np.zeros((len(completions), len(REFUSAL_CLASSES)))

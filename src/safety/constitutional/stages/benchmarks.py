@@ -386,16 +386,16 @@ def run_benchmark(model, tokenizer, benchmark: Benchmark, framework, gen_config:
     prompts = list(benchmark.prompts)
     answers = generate_text(model, tokenizer, prompts, gen_config, show_progress=show_progress,
                             desc=f"{benchmark.name}: {model_name}")
-    return judge_answers(benchmark, answers, framework, refusal_judge, model_name, gen_config.batch_size)
+    return judge_answers(benchmark, answers, framework, refusal_judge, model_name)
 
 
 def judge_answers(benchmark: Benchmark, answers: Sequence[str], framework, refusal_judge: Optional[RefusalJudge] = None,
-                  model_name: str = "model", batch_size: int = 16) -> BenchmarkResult:
+                  model_name: str = "model") -> BenchmarkResult:
     """Score given answers (one per benchmark prompt): string match, judge class, harmful flag."""
     answers = list(answers)
     if len(answers) != len(benchmark):
         raise ValueError(f"{benchmark.name}: {len(answers)} answers for {len(benchmark)} prompts")
-    results = framework.evaluate_batch(benchmark.prompts, answers, batch_size=batch_size, kinds=benchmark.kinds)
+    results = framework.evaluate_batch(benchmark.prompts, answers, kinds=benchmark.kinds)
     judge = refusal_judge if refusal_judge is not None else FrameworkRefusalJudge(framework)
     if isinstance(judge, FrameworkRefusalJudge) and judge.framework is framework:
         classes = judge.classes_from_results(results)  # the same answer as judge(...), without scoring twice

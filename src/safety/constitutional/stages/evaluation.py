@@ -165,7 +165,7 @@ def evaluate_model(model, tokenizer, prompt_sets: Dict[str, Tuple[Sequence[str],
             raise ValueError(f"prompt set {name!r} is empty")
         responses = generate(model, tokenizer, prompts, gen_config, show_progress=show_progress,
                              desc=f"answering {name}").texts
-        results = framework.evaluate_batch(prompts, responses, batch_size=gen_config.batch_size, kinds=kind)
+        results = framework.evaluate_batch(prompts, responses, kinds=kind)
         rows = []
         for prompt, response, result in zip(prompts, responses, results):
             row = {"set": name, "kind": kind, "prompt": prompt, "response": response, "refused": result.refused,
