@@ -11,8 +11,10 @@ Prints one JSON line per measurement. Sections are independent: one that fails p
 What is measured (medians over --repeats; ours and TRL alternate run by run so that other load on
 the machine hits both alike):
   matmul      attainable fp32/bf16 matmul FLOP/s on this machine with these threads
-  generation  answer tokens/s at batch 1 and 8 (`generation.generate`, KV cache, greedy); on CPU
-              also with the int8 sampling copy (`src.models.int8_sampling_copy`)
+  generation  answer tokens/s at batch 1, 8 and 32 (`generation.generate`, KV cache, greedy), and the
+              fraction of its roofline bound (weights read once per step at the measured read
+              bandwidth, or the measured matmul rate); on CPU also with the int8 sampling copy
+              (`src.models.int8_sampling_copy`)
   reward      reward-model training pairs/s at max length 256 (ours vs trl.RewardTrainer)
   sft         SFT tokens/s (ours vs trl.SFTTrainer)
   ppo         seconds for one PPO iteration: batch 8, answers up to 48 tokens, 4 PPO epochs
@@ -163,6 +165,20 @@ def matmul_flops(device: torch.device, dtype: torch.dtype, seconds: float = 1.0)
             "by_shape": {k: round(v / 1e9, 2) for k, v in best.items()}}
 
 
+def read_bandwidth(device: torch.device, seconds: float = 1.0) -> float:
+    """Bytes/s of a sum over a 512 MB fp32 tensor: how fast weights can stream from memory (the bound
+    of few-row decoding, which reads every weight once per step)."""
+    x = torch.ones(128 * 2**20, device=device)
+    x.sum()
+    sync(device)
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        x.sum()
+        count += 1
+    sync(device)
+    return x.numel() * 4 * count / (time.perf_counter() - t0)
+
+
 def matmul_params(model) -> int:
     """N for FLOPs/token: every weight a token's activations are multiplied by.
 
@@ -252,7 +268,7 @@ class Bench:
         self.dtype = torch.float32
         self.compute_dtype = compute_dtype(self.device) or torch.float32
         self.tokenizer = load_tokenizer(self.model_path)
-        self.peak_flops = self.peak_flops_cpu = self.peak_flops_fp32 = None
+        self.peak_flops = self.peak_flops_cpu = self.peak_flops_fp32 = self.read_bytes_per_s = None
         self.tmp = Path(tempfile.mkdtemp(prefix="cai-bench-"))
         self.small = args.small
 
@@ -326,9 +342,13 @@ def section_matmul(b: Bench):
         if dtype == torch.float32:
             b.peak_flops_fp32 = rate["flops"]
         b.peak_flops, b.peak_flops_cpu = rate["flops"], rate["flops_per_cpu_s"]
-        yield {"section": "matmul", "dtype": str(dtype).replace("torch.", ""), "threads": b.threads,
-               "gflops": rate["flops"] / 1e9, "gflops_per_cpu_s": rate["flops_per_cpu_s"] / 1e9,
-               "by_shape_gflops": rate["by_shape"]}
+        line = {"section": "matmul", "dtype": str(dtype).replace("torch.", ""), "threads": b.threads,
+                "gflops": rate["flops"] / 1e9, "gflops_per_cpu_s": rate["flops_per_cpu_s"] / 1e9,
+                "by_shape_gflops": rate["by_shape"]}
+        if dtype == torch.float32:
+            b.read_bytes_per_s = read_bandwidth(b.device, seconds=0.3 if b.small else 1.0)
+            line["read_gb_per_s"] = b.read_bytes_per_s / 1e9
+        yield line
 
 
 def section_generation(b: Bench):
@@ -342,7 +362,7 @@ def section_generation(b: Bench):
     # The int8 copy (CPU) is for sampling-only stages. Every line has mfu against the compute dtype's rate
     # and mfu_vs_fp32_rate.
     variants = [("ours", model)] + ([("ours_int8", int8_sampling_copy(model))] if b.device.type == "cpu" else [])
-    for batch in (1, 8):
+    for batch in (1, 8, 32):
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
         cfg = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, batch_size=batch)
         for impl, m in variants:
@@ -370,7 +390,23 @@ def section_generation(b: Bench):
                           "tokens_per_cpu_s": median([x[3] for x in r]),
                           "params_for_flops": n_params, "mfu": b.mfu(tps * 2 * n_params),
                           "mfu_vs_fp32_rate": tps * 2 * n_params / b.peak_flops_fp32 if b.peak_flops_fp32 else None,
-                          "mfu_cpu_time": b.mfu(median([x[3] for x in r]) * 2 * n_params, per_cpu=True)})
+                          "mfu_cpu_time": b.mfu(median([x[3] for x in r]) * 2 * n_params, per_cpu=True),
+                          **(decode_bound(b, model, batch, n_params, tps) if impl == "ours" else {})})
+
+
+def decode_bound(b: Bench, model, batch: int, n_params: int, tokens_per_s: float) -> dict:
+    """The roofline of decoding `batch` rows: each step reads every weight once in the compute dtype
+    (the bf16 twin's under bf16; memory bound, from the measured read bandwidth) and does 2 x params
+    FLOPs per token (compute bound, from the compute dtype's measured matmul rate); the bound is the
+    lower of the two."""
+    if not (b.read_bytes_per_s and b.peak_flops):
+        return {}
+    weight_bytes = sum(p.numel() for p in model.parameters()) * torch.finfo(b.compute_dtype).bits // 8
+    memory = batch * b.read_bytes_per_s / weight_bytes
+    compute = b.peak_flops / (2 * n_params)
+    bound = min(memory, compute)
+    return {"weight_bytes": weight_bytes, "bound_tokens_per_s": bound,
+            "bound_kind": "memory" if memory <= compute else "compute", "fraction_of_bound": tokens_per_s / bound}
 
 
 # .. reward model ..................................................................................

@@ -41,12 +41,20 @@ def test_generation_section_prints_expected_fields_and_a_failing_section_is_isol
     assert by_section["machine"][0]["threads"] == 1
     assert by_section["matmul"][0]["gflops"] > 0
     gen = by_section["generation"]
-    assert sorted((g["batch"], g["impl"]) for g in gen) == [(1, "ours"), (1, "ours_int8"), (8, "ours"), (8, "ours_int8")]
+    assert sorted((g["batch"], g["impl"]) for g in gen) == [(b, impl) for b in (1, 8, 32) for impl in ("ours", "ours_int8")]
+    matmul = by_section["matmul"][0]
+    assert matmul["read_gb_per_s"] > 0
     for g in gen:
         for key in ("tokens_per_s", "tokens_per_cpu_s", "seconds_median", "peak_mem_mb", "mfu", "mfu_cpu_time",
                     "params_for_flops"):
             assert g[key] > 0, (key, g)
         assert g["answer_tokens"] >= g["batch"]
+        if g["impl"] == "ours":  # the roofline: weights read once per step, or the matmul rate
+            memory = g["batch"] * matmul["read_gb_per_s"] * 1e9 / g["weight_bytes"]
+            compute = matmul["gflops"] * 1e9 / (2 * g["params_for_flops"])
+            assert g["bound_tokens_per_s"] == pytest.approx(min(memory, compute), rel=1e-3)
+            assert g["bound_kind"] == ("memory" if memory <= compute else "compute")
+            assert g["fraction_of_bound"] == pytest.approx(g["tokens_per_s"] / g["bound_tokens_per_s"], rel=1e-3)
     # the whole pipeline, stage by stage: every stage ran (none skipped) and the stages add up to the total
     stages = {p["stage"]: p for p in by_section["pipeline"]}
     assert list(stages) == ["sft", "reward", "rl", "evaluate", "total"]

@@ -165,3 +165,44 @@ def test_shared_frozen_reference_computes_like_a_separate_one_in_bf16(tokenizer,
     with torch.no_grad():
         ref, _ = separate._ref_and_scores(ro.input_ids, ro.attention_mask, ro.mask.shape[1], 1.0, PROMPTS, ro.texts)
     assert torch.equal(ro.ref_logprobs, ref * ro.mask)  # an fp32 head here differed by up to 8.5e-4
+
+
+def test_decoding_matmuls_give_linear_numbers_in_the_weight_major_layout_and_undo_themselves(tokenizer):
+    """fp32 on CPU: few-row inputs take (W @ x^T)^T, one row and large inputs F.linear; the numbers are
+    F.linear's to float rounding; greedy decoding through `generate` picks the tokens HF's own
+    generate picks without it; on leaving, every layer is a plain Linear again (training never sees it)."""
+    model, _ = build_tiny_llama(tokenizer, seed=0)
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    layer = torch.nn.Linear(32, 24)
+    calls = []
+    real_mm = torch.Tensor.__matmul__
+    with precision.decoding_matmuls(layer), torch.no_grad():
+        assert "forward" in vars(layer)
+        for rows in (1, 8, precision.DECODE_ROWS, precision.DECODE_ROWS + 1):
+            x = torch.randn(rows, 1, 32)
+            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias),
+                                       atol=1e-5, rtol=1e-5)
+    assert "forward" not in vars(layer)
+
+    def spy(a, b):
+        calls.append((tuple(a.shape), tuple(b.shape)))
+        return real_mm(a, b)
+
+    with precision.decoding_matmuls(layer), torch.no_grad():
+        torch.Tensor.__matmul__ = spy
+        try:
+            layer(torch.randn(8, 32))
+            layer(torch.randn(1, 32))
+        finally:
+            torch.Tensor.__matmul__ = real_mm
+    assert calls == [((24, 32), (32, 8))]  # only the 8-row input, weight first
+
+    cfg = GenerationConfig(max_new_tokens=8, do_sample=False, batch_size=4)
+    out = generate(model, tokenizer, PROMPTS, cfg)
+    P, n = out.prompt_ids.shape[1], out.response_ids.shape[1]
+    with torch.inference_mode():
+        expected = model.generate(input_ids=out.prompt_ids, attention_mask=out.attention_mask[:, :P], max_new_tokens=8,
+                                  do_sample=False, pad_token_id=tokenizer.pad_token_id)[:, P:P + n]
+    real = out.response_mask.bool()
+    assert torch.equal(expected[real], out.response_ids[real])
+    assert all("forward" not in vars(m) for m in linears)

@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from tqdm.auto import tqdm
 
-from src.models.precision import sampling_twin
+from src.models.precision import decoding_matmuls, sampling_twin
 from src.models.threads import adapt_threads
 
 from ..common import distributed as ddp
@@ -269,7 +269,8 @@ def _answer_batch(model, sampler, tokenizer, encoded, p_texts, config, eos_ids, 
 
     p_ids, p_mask = left_pad(encoded, tokenizer.pad_token_id, device)
     adapt_threads()  # src/models/threads.py: fewer threads while other processes use the cores
-    r_ids = _generate_batch(sampler, tokenizer, p_ids, p_mask, config, eos_ids)
+    with decoding_matmuls(sampler):  # few-row products in the faster layout (CPU, fp32)
+        r_ids = _generate_batch(sampler, tokenizer, p_ids, p_mask, config, eos_ids)
     r_mask, finished = _response_mask(r_ids, eos_ids)
     r_ids = torch.where(r_mask.bool(), r_ids, tokenizer.pad_token_id)
     logprobs = None
