@@ -104,19 +104,25 @@ def test_ppo_in_bf16_starts_at_ratio_one_and_trains_fp32_weights(tokenizer, bf16
     assert any(not torch.equal(before[k], v) for k, v in trainer.policy.state_dict().items())
 
 
-def test_generation_samples_from_the_twin_and_scores_with_the_policy(tokenizer, bf16):
-    model, _ = build_tiny_llama(tokenizer, seed=0)
-    cfg = GenerationConfig(max_new_tokens=6, do_sample=False, batch_size=4)
-    out = generate(model, tokenizer, PROMPTS, cfg, return_logprobs=True)
-    twin = sampling_twin(model)
+def _greedy_equals_hf_generate(model, reference, tokenizer, max_new_tokens: int):
+    """`generate`'s greedy answers from `model` are HF generate's from `reference`; returns them."""
+    out = generate(model, tokenizer, PROMPTS, GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
+                                                               batch_size=4), return_logprobs=True)
     P, n = out.prompt_ids.shape[1], out.response_ids.shape[1]
     with torch.inference_mode():
-        expected = twin.generate(input_ids=out.prompt_ids, attention_mask=out.attention_mask[:, :P], max_new_tokens=6,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)[:, P:P + n]
+        expected = reference.generate(input_ids=out.prompt_ids, attention_mask=out.attention_mask[:, :P],
+                                      max_new_tokens=max_new_tokens, do_sample=False,
+                                      pad_token_id=tokenizer.pad_token_id)[:, P:P + n]
     real = out.response_mask.bool()
     assert torch.equal(expected[real], out.response_ids[real])
+    return out
+
+
+def test_generation_samples_from_the_twin_and_scores_with_the_policy(tokenizer, bf16):
+    model, _ = build_tiny_llama(tokenizer, seed=0)
+    out = _greedy_equals_hf_generate(model, sampling_twin(model), tokenizer, max_new_tokens=6)
     with torch.no_grad():
-        lp = sequence_logprobs(model, out.input_ids, out.attention_mask, n) * out.response_mask
+        lp = sequence_logprobs(model, out.input_ids, out.attention_mask, out.response_ids.shape[1]) * out.response_mask
     assert torch.equal(lp, out.logprobs)
 
 
@@ -197,12 +203,5 @@ def test_decoding_matmuls_give_linear_numbers_in_the_weight_major_layout_and_und
             torch.Tensor.__matmul__ = real_mm
     assert calls == [((24, 32), (32, 8))]  # only the 8-row input, weight first
 
-    cfg = GenerationConfig(max_new_tokens=8, do_sample=False, batch_size=4)
-    out = generate(model, tokenizer, PROMPTS, cfg)
-    P, n = out.prompt_ids.shape[1], out.response_ids.shape[1]
-    with torch.inference_mode():
-        expected = model.generate(input_ids=out.prompt_ids, attention_mask=out.attention_mask[:, :P], max_new_tokens=8,
-                                  do_sample=False, pad_token_id=tokenizer.pad_token_id)[:, P:P + n]
-    real = out.response_mask.bool()
-    assert torch.equal(expected[real], out.response_ids[real])
+    _greedy_equals_hf_generate(model, model, tokenizer, max_new_tokens=8)  # HF's generate outside the block
     assert all("forward" not in vars(m) for m in linears)
