@@ -171,7 +171,7 @@ def test_each_prompt_runs_once_and_features_equal_one_forward_per_answer(monkeyp
 
     monkeypatch.setattr(harm_judge, "_PAST_BYTES", 1)  # one prompt per chunk
     features.batch_size = 3  # padded batches: rows of unlike lengths
-    chunks = features._chunks(items)
+    chunks = features._chunks([tuple(ids[:start]) for ids, start in items])
     assert len(chunks) == len(distinct) and sorted(i for c in chunks for i in c) == list(range(len(items)))
     np.testing.assert_allclose(features._encode(prompts, answers), np.array(expected), atol=2e-5)
 

@@ -76,6 +76,15 @@ def _deciding_principle(comparison):
     return max(per, key=lambda name: abs(per[name] - 0.5))
 
 
+def _sample_answers(model, tokenizer, prompts: Sequence[Prompt], k: int, generation: GenerationConfig, seed: int,
+                    show_progress: bool, desc: str) -> List[str]:
+    """k sampled answers per prompt, prompt-major (answers i*k .. i*k+k-1 are prompt i's); the torch
+    generator seeded so that the same seed draws the same answers."""
+    torch.manual_seed(seed)
+    return generate(model, tokenizer, [p for p in prompts for _ in range(k)], generation, show_progress=show_progress,
+                    desc=desc).texts
+
+
 def generate_preference_pairs(model, tokenizer, prompts: Sequence[Prompt], framework, config: PreferenceConfig = None,
                               show_progress: bool = True) -> Tuple[List[PreferencePair], dict]:
     """Sample answers, let the constitution judge each pair, return (pairs, stats)."""
@@ -85,11 +94,8 @@ def generate_preference_pairs(model, tokenizer, prompts: Sequence[Prompt], frame
         raise ValueError("no prompts: give at least one prompt to sample preference pairs for")
     k = config.samples_per_prompt
     rng = random.Random(config.seed)
-    torch.manual_seed(config.seed)
-
-    repeated = [p for p in prompts for _ in range(k)]
-    texts = generate(model, tokenizer, repeated, config.generation, show_progress=show_progress,
-                     desc="sampling answers for preferences").texts
+    texts = _sample_answers(model, tokenizer, prompts, k, config.generation, config.seed, show_progress,
+                            desc="sampling answers for preferences")
 
     candidates, identical = [], 0  # (prompt index, answer a, answer b)
     for i in range(len(prompts)):
@@ -204,11 +210,10 @@ def judged_pairs(model, tokenizer, prompts: Sequence[str], judge, generation: Ge
     if samples_per_prompt < 2:
         raise ValueError(f"samples_per_prompt must be >= 2, got {samples_per_prompt}")
     rng = random.Random(seed)
-    torch.manual_seed(seed)
     k = samples_per_prompt
     repeated = [p for p in prompts for _ in range(k)]
-    texts = [t.strip() for t in generate(model, tokenizer, repeated, generation, show_progress=show_progress,
-                                         desc="sampling answers for judged pairs").texts]
+    texts = [t.strip() for t in _sample_answers(model, tokenizer, prompts, k, generation, seed, show_progress,
+                                                desc="sampling answers for judged pairs")]
     scores = judge(repeated, texts).tolist()
     details = list(judge.last_details)
     pairs, counts = [], Counter()

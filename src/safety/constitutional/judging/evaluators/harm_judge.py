@@ -109,28 +109,29 @@ class BackboneFeatures:
         template's system turn) runs once per chunk. The numbers are those of one forward over prompt +
         answer, up to float rounding (tested); on the labelled answers it runs 0.71x the tokens."""
         items = [self.encode_one(p, a) for p, a in zip(prompts, answers)]
+        prompt_ids = [tuple(ids[:n]) for ids, n in items]
+        answer_ids = [ids[n:] for ids, n in items]
         out = np.zeros((len(items), self.dim), dtype=np.float32)
-        for chunk in self._chunks(items):
-            past = self._prompt_states({tuple(items[i][0][:items[i][1]]) for i in chunk})
-            order = sorted(chunk, key=lambda i: len(items[i][0]) - items[i][1])  # answers by length: little padding
+        for chunk in self._chunks(prompt_ids):
+            past = self._prompt_states({prompt_ids[i] for i in chunk})
+            order = sorted(chunk, key=lambda i: len(answer_ids[i]))  # answers by length: little padding
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
-                hidden = self._forward([items[i][0][items[i][1]:] for i in idx],
-                                       [past[tuple(items[i][0][:items[i][1]])] for i in idx])
+                hidden = self._forward([answer_ids[i] for i in idx], [past[prompt_ids[i]] for i in idx])
                 for i, h in zip(idx, hidden):
                     out[i] = h.float().mean(0).cpu().numpy()
         return out
 
-    def _chunks(self, items) -> List[List[int]]:
-        """Item indices in chunks whose distinct prompts' cached keys and values stay under
-        _PAST_BYTES; answers to one prompt stay in one chunk."""
+    def _chunks(self, prompt_ids: Sequence[tuple]) -> List[List[int]]:
+        """Item indices (by their prompts' token ids) in chunks whose distinct prompts' cached keys and
+        values stay under _PAST_BYTES; answers to one prompt stay in one chunk."""
         config = self.backbone.config
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         budget = _PAST_BYTES // (self.layer * 2 * heads * head_dim * 4)  # prompt tokens per chunk
         by_prompt: "OrderedDict[tuple, List[int]]" = OrderedDict()
-        for i in sorted(range(len(items)), key=lambda i: items[i][1]):  # prompts of like length together
-            by_prompt.setdefault(tuple(items[i][0][:items[i][1]]), []).append(i)
+        for i in sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i])):  # prompts of like length together
+            by_prompt.setdefault(prompt_ids[i], []).append(i)
         chunks, current, tokens = [], [], 0
         for prompt, idx in by_prompt.items():
             if current and tokens + len(prompt) > budget:
