@@ -54,9 +54,10 @@ def test_ppo_with_lora_trains_adapters_only_against_the_base_as_reference(tokeni
     value_before = [p.detach().clone() for p in trainer.value_model.parameters()]
     torch.manual_seed(0)
     first = trainer.train_step(PROMPTS, max_length=5, num_epochs_per_batch=2)
-    assert first["kl_divergence"] == 0.0                        # adapters at zero: policy == reference
+    # adapters at zero: policy == reference, up to float rounding (the two forwards batch differently)
+    assert abs(first["kl_divergence"]) < 1e-6
     second = trainer.train_step(PROMPTS, max_length=5, num_epochs_per_batch=2)
-    assert second["kl_divergence"] != 0.0                       # the adapters moved the policy off its base
+    assert abs(second["kl_divergence"]) > 1e-4                  # the adapters moved the policy off its base
     for name, p in trainer.policy.named_parameters():
         if "lora_" not in name:
             assert torch.equal(p, base[name]), name            # frozen base weights

@@ -58,7 +58,8 @@ def test_kl_is_zero_for_identical_models_and_reference_is_frozen(tokenizer):
     ref_before = copy.deepcopy(trainer.ref_model.state_dict())
     torch.manual_seed(0)
     stats = trainer.train_step(PROMPTS, **FAST)
-    assert stats["kl_divergence"] == 0.0 and stats["kl_per_token"] == 0.0  # first rollout: policy == reference
+    # first rollout: policy == reference, up to float rounding (their forwards batch the rows differently)
+    assert abs(stats["kl_divergence"]) < 1e-6 and abs(stats["kl_per_token"]) < 1e-7
     assert trainer.compute_kl_divergence(torch.randn(3, 4).log_softmax(-1), torch.randn(3, 4).log_softmax(-1)) != 0
     lp = torch.randn(2, 3)
     assert trainer.compute_kl_divergence(lp, lp.clone()).item() == 0.0

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from src.models import RewardModel, build_tiny_llama
+from src.models.heads import score_head
 from src.safety.constitutional.common import checkpoint as ckpt
 from src.safety.constitutional.common.io import atomic_write_json, read_prompts
 from src.safety.constitutional.rl.dpo import DPOTrainer
@@ -261,7 +262,7 @@ def test_sft_nan_stop_leaves_the_last_good_checkpoint(tiny_model, tokenizer, tmp
 def test_reward_model_nan_stop_leaves_the_last_good_checkpoint(tokenizer, tmp_path):
     lm, _ = build_tiny_llama(tokenizer, seed=3)
     rm = RewardModel.from_causal_lm(lm, device="cpu", head_init_std=0.02)
-    _poison_after(rm, 2)  # one forward per step (chosen + rejected together)
+    _poison_after(score_head(rm), 2)  # one head call per step (all chosen and rejected answers together)
     cfg = RewardTrainerConfig(output_dir=str(tmp_path), batch_size=2, max_length=32, learning_rate=1e-3,
                               eval_fraction=0.0, checkpoint_every=1, max_bad_steps=0, show_progress=False)
     with pytest.raises(RuntimeError, match="last good checkpoint is in"):

@@ -1,15 +1,18 @@
 """Bradley-Terry reward training: loss, batching, truncation, caching, resume, toy separability."""
 import math
+import os
 
 import pytest
 import torch
 
 from src.models import RewardModel, build_tiny_llama
+from src.models.heads import backbone_of
 from src.safety.constitutional.common.checkpoint import checkpoint_path
 from src.safety.constitutional.common.pairs import PreferencePair, load_pairs
 from src.safety.constitutional.training.generation import left_pad
-from src.safety.constitutional.training.reward_scoring import bradley_terry_loss, encode_pair, pairwise_accuracy
-from src.safety.constitutional.training.reward_training import RewardTrainer, RewardTrainerConfig
+from src.safety.constitutional.training.reward_scoring import (bradley_terry_loss, encode_pair, pair_rewards,
+                                                               pairwise_accuracy)
+from src.safety.constitutional.training.reward_training import RewardTrainer, RewardTrainerConfig, bottom_features
 
 
 def _reward_model(tokenizer, num_layers=4, seed=0):
@@ -107,6 +110,49 @@ def test_concatenated_batch_equals_separate_forwards(tokenizer):
     assert torch.allclose(together, alone, atol=1e-5)
 
 
+def test_shared_prompt_runs_once_with_the_numbers_and_gradients_of_whole_sequences(tokenizer):
+    """pair_rewards runs each pair's shared prompt once, both answers beside it in one packed row:
+    rewards and gradients equal one forward per whole sequence; so do the cached bottom features."""
+    model = _reward_model(tokenizer)
+    pairs = _toy_pairs(3) + [
+        PreferencePair([{"role": "user", "content": "A much longer question, with several more words in it?"}],
+                       "Sure, the same opening then a different ending.", "Sure, the same opening but no."),
+        PreferencePair([{"role": "user", "content": "Same?"}], "identical", "identical")]  # only the last token differs: none
+    encoded = [encode_pair(tokenizer, p, 96) for p in pairs]
+    seqs = [c for c, _ in encoded] + [r for _, r in encoded]
+    n = len(pairs)
+    backbone = backbone_of(model)
+    tokens = []
+    backbone.embed_tokens.register_forward_hook(lambda m, inp, out: tokens.append(int(inp[0].numel())))
+    c, r = pair_rewards(model, encoded, tokenizer.pad_token_id)
+    packed = list(tokens)
+    (c.sum() - 2 * r.sum()).backward()
+    shared = [g.detach().clone() for g in (p.grad for p in model.parameters())]
+    model.zero_grad()
+    alone = torch.cat([model(*left_pad([s], tokenizer.pad_token_id)) for s in seqs])
+    (alone[:n].sum() - 2 * alone[n:].sum()).backward()
+    assert torch.allclose(torch.cat([c, r]), alone, atol=1e-5)
+    for g_shared, p in zip(shared, model.parameters()):
+        assert torch.allclose(g_shared, p.grad, atol=1e-5, rtol=1e-4)
+    # one forward in which each pair's shared tokens appear once: packed rows as wide as the widest
+    # pair, fewer tokens (padding included) than the sequences hold
+    cuts = [len(os.path.commonprefix([c_, r_])) for c_, r_ in encoded]
+    cuts[-1] -= 1  # identical sequences: the last token runs with the answers, where the reward is read
+    prompt_len = len(encode_pair(tokenizer, PreferencePair(pairs[3].prompt, "", ""), 96)[0]) - 1  # + end-of-turn
+    assert cuts[3] > prompt_len + 3  # the answers' common opening is shared too
+    sizes = [len(c_) + len(r_) - k for (c_, r_), k in zip(encoded, cuts)]
+    assert len(packed) == 1 and packed[0] % max(sizes) == 0
+    assert sum(sizes) <= packed[0] < sum(map(len, seqs))
+    # frozen-bottom features (cached features' path): as one forward per sequence, below layer 2
+    with torch.no_grad():
+        features = bottom_features(model, encoded, tokenizer.pad_token_id, 2)
+        for (f_c, f_r), (s_c, s_r) in zip(features, encoded):
+            for f, s in ((f_c, s_c), (f_r, s_r)):
+                ids, mask = left_pad([s], tokenizer.pad_token_id)
+                full = backbone(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[2][0]
+                assert f.shape == full.shape and torch.allclose(f, full, atol=1e-5)
+
+
 def test_toy_preferences_are_learned_to_full_accuracy(tokenizer, tmp_path):
     model = _reward_model(tokenizer, num_layers=2)
     train, held = _toy_pairs(32), _toy_pairs(12, offset=100)
@@ -126,7 +172,7 @@ def test_reward_stats_come_from_training_forwards_without_an_extra_pass(tokenize
     pairs = _toy_pairs(10)
     model = _reward_model(tokenizer, num_layers=2)
     calls = []
-    model.register_forward_hook(lambda *a: calls.append(1))
+    backbone_of(model).register_forward_hook(lambda *a: calls.append(1))
     trainer = RewardTrainer(model, tokenizer, _config(tmp_path, num_epochs=2, batch_size=4, learning_rate=1e-12))
     summary = trainer.train(pairs)
     assert len(calls) == 2 * 3  # 2 epochs x ceil(10 / 4) batches, nothing after training

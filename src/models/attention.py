@@ -21,6 +21,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .checkpointing import uses_gradient_checkpointing
+
 EAGER_MAX_TOKENS = 256
 
 
@@ -31,7 +33,7 @@ def attention_for(model: nn.Module, tokens: torch.Tensor) -> Iterator[str]:
     config = getattr(model, "config", None)
     current = getattr(config, "_attn_implementation", None)
     if current != "sdpa" or tokens.device.type != "cpu" or tokens.shape[-1] > EAGER_MAX_TOKENS \
-            or _checkpointing(model):
+            or uses_gradient_checkpointing(model):  # its recomputation runs outside this block: one kernel
         yield current
         return
     config._attn_implementation = "eager"
@@ -39,11 +41,6 @@ def attention_for(model: nn.Module, tokens: torch.Tensor) -> Iterator[str]:
         yield "eager"
     finally:
         config._attn_implementation = current
-
-
-def _checkpointing(model: nn.Module) -> bool:
-    """Gradient checkpointing recomputes layers during backward, outside this block: keep one kernel."""
-    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
 __all__ = ["EAGER_MAX_TOKENS", "attention_for"]

@@ -19,4 +19,9 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         raise TypeError(f"{type(model).__name__} does not support gradient checkpointing")
 
 
-__all__ = ["enable_gradient_checkpointing"]
+def uses_gradient_checkpointing(model: nn.Module) -> bool:
+    """Whether any layer recomputes its activations during backward (outside the forward's context)."""
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+__all__ = ["enable_gradient_checkpointing", "uses_gradient_checkpointing"]

@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from src.models.heads import RewardModel
+from src.models.heads import RewardModel, backbone_of, head_scores
+from src.models.precision import autocast
+from src.models.prefix import forward_groups
 
 from ..common.pairs import PreferencePair
 from .generation import encode_prompt_answers, left_pad
@@ -37,6 +39,19 @@ def encode_pair(tokenizer, pair: PreferencePair, max_length: int) -> Tuple[List[
     return chosen, rejected
 
 
+def pair_rewards(reward_model: RewardModel, encoded: Sequence[Tuple[List[int], List[int]]],
+                 pad_token_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of encoded (prompt + chosen, prompt + rejected) pairs, (n,) and (n,), at each sequence's
+    last token, from one packed forward in which the tokens a pair's two sequences share (its prompt)
+    appear once (src/models/prefix.py, `forward_groups`): the numbers of one forward per sequence up
+    to float rounding, gradients included. On the benchmark's hh-rlhf pairs (max length 256) a batch
+    of 8 pairs runs about 1,900 tokens with padding instead of 3,400."""
+    with autocast(reward_model.device):
+        states = forward_groups(backbone_of(reward_model), encoded, pad_token_id)
+    rewards = head_scores(reward_model, torch.stack([g[j][-1] for j in (0, 1) for g in states]))  # chosen, then rejected
+    return rewards[:len(encoded)], rewards[len(encoded):]
+
+
 @torch.inference_mode()
 def score_pairs(reward_model: RewardModel, tokenizer, pairs: Sequence[PreferencePair], batch_size: int = 16,
                 max_length: int = 192, show_progress: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -46,13 +61,11 @@ def score_pairs(reward_model: RewardModel, tokenizer, pairs: Sequence[Preference
     r_c, r_r = torch.zeros(len(pairs)), torch.zeros(len(pairs))
     was_training = reward_model.training
     reward_model.eval()
-    device = reward_model.device
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc="scoring pairs", disable=not show_progress, leave=False):
         idx = order[start:start + batch_size]
-        ids, mask = left_pad([encoded[i][0] for i in idx] + [encoded[i][1] for i in idx], tokenizer.pad_token_id)
-        rewards = reward_model(ids.to(device), mask.to(device)).float().cpu()
-        r_c[idx], r_r[idx] = rewards[:len(idx)], rewards[len(idx):]
+        chosen, rejected = pair_rewards(reward_model, [encoded[i] for i in idx], tokenizer.pad_token_id)
+        r_c[idx], r_r[idx] = chosen.float().cpu(), rejected.float().cpu()
     reward_model.train(was_training)
     return r_c, r_r
 

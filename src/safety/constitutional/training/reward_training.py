@@ -37,6 +37,7 @@ from src.models.attention import attention_for
 from src.models.heads import (RewardModel, backbone_of, head_scores, last_token_index, position_ids_from_mask,
                               score_head)
 from src.models.precision import autocast
+from src.models.prefix import forward_groups
 
 from ..common import distributed as ddp
 from ..common import parallel
@@ -44,11 +45,10 @@ from ..common.checkpoint import latest_checkpoint
 from ..common.io import atomic_dir, atomic_write_json
 from ..common.pairs import PreferencePair
 from .batching import held_out_indices, length_bucketed_batches
-from .generation import left_pad
 from .guarded_step import clip_and_step, finite_on_all_ranks
 from .loop import TrainingLoop, load_models
 from .optim import adamw, lr_scheduler
-from .reward_scoring import bradley_terry_loss, encode_pair, pair_metrics
+from .reward_scoring import bradley_terry_loss, encode_pair, pair_metrics, pair_rewards
 
 log = logging.getLogger(__name__)
 
@@ -154,14 +154,13 @@ def rewards_from_ids(reward_model: RewardModel, input_ids: torch.Tensor, attenti
     return reward_model(input_ids, attention_mask)
 
 
-def bottom_features(reward_model: RewardModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    first_trainable: int) -> torch.Tensor:
-    """Hidden states entering layer `first_trainable` (before any final norm). (batch, seq, hidden)"""
+def bottom_features(reward_model: RewardModel, encoded: Sequence[Tuple[List[int], List[int]]], pad_token_id: int,
+                    first_trainable: int) -> List[List[torch.Tensor]]:
+    """Per encoded pair, the (chosen, rejected) hidden states entering layer `first_trainable` (before
+    any final norm), each (len, hidden); the prompt the two share runs once (src/models/prefix.py)."""
     backbone = backbone_of(reward_model)
-    with _layer_range(backbone, 0, first_trainable, final_norm=False), autocast(input_ids.device), \
-            attention_for(backbone, input_ids):
-        return backbone(input_ids=input_ids, attention_mask=attention_mask,
-                        position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+    with _layer_range(backbone, 0, first_trainable, final_norm=False), autocast(reward_model.device):
+        return forward_groups(backbone, encoded, pad_token_id)
 
 
 def rewards_from_features(reward_model: RewardModel, hidden: torch.Tensor, attention_mask: torch.Tensor,
@@ -207,23 +206,20 @@ class RewardTrainer:
         """Frozen-bottom hidden states per sequence, computed once (inference_mode, batched by length)."""
         if key in self._features:
             return self._features[key]
-        device = self.model.device
-        seqs = [e[0] for e in encoded] + [e[1] for e in encoded]
-        out: List[Optional[torch.Tensor]] = [None] * len(seqs)
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-        bs = self.config.eval_batch_size
+        out: List[Optional[List[torch.Tensor]]] = [None] * len(encoded)
+        order = sorted(range(len(encoded)), key=lambda i: max(map(len, encoded[i])))
+        bs = max(1, self.config.eval_batch_size // 2)  # pairs per forward: eval_batch_size sequences
         self.model.eval()
         starts = range(0, len(order), bs)
         with torch.inference_mode():
             for start in tqdm(starts, desc=desc, disable=not self.config.show_progress, leave=False):
                 idx = order[start:start + bs]
-                ids, mask = left_pad([seqs[i] for i in idx], self.tokenizer.pad_token_id)
-                hidden = self._run(lambda m: bottom_features(m, ids.to(device), mask.to(device), self.first_trainable))
-                for row, i in enumerate(idx):
-                    out[i] = hidden[row, hidden.shape[1] - len(seqs[i]):]
+                states = self._run(lambda m: bottom_features(m, [encoded[i] for i in idx], self.tokenizer.pad_token_id,
+                                                             self.first_trainable))
+                for i, pair in zip(idx, states):
+                    out[i] = pair
         # clone() outside inference_mode: autograd may save these inputs for the backward pass.
-        out = [t.clone() for t in out]
-        self._features[key] = (out[:len(encoded)], out[len(encoded):])
+        self._features[key] = ([c.clone() for c, _ in out], [r.clone() for _, r in out])
         return self._features[key]
 
     def _batch_rewards(self, encoded, idx, features=None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -235,10 +231,8 @@ class RewardTrainer:
             hidden, mask = left_pad_states(states)
             rewards = self._run(lambda m: rewards_from_features(m, hidden.to(device), mask.to(device),
                                                                 self.first_trainable))
-        else:
-            ids, mask = left_pad([encoded[i][0] for i in idx] + [encoded[i][1] for i in idx],
-                                 self.tokenizer.pad_token_id)
-            rewards = self._run(lambda m: m(ids.to(device), mask.to(device)))
+        else:  # the prompt the two share runs once (reward_scoring.pair_rewards)
+            return self._run(lambda m: pair_rewards(m, [encoded[i] for i in idx], self.tokenizer.pad_token_id))
         return rewards[:n], rewards[n:]
 
     def _labels(self, pairs, idx) -> Optional[torch.Tensor]:

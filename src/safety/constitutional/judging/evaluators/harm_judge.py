@@ -157,44 +157,16 @@ class BackboneFeatures:
         return states
 
     def _forward(self, rows: Sequence[List[int]], past, keep_cache: bool = False):
-        """Run token rows (right-padded) after each row's cached prefix (`past`: per row None or
-        per-layer (keys, values), padded on the left to a common length and masked). Returns per
-        row its hidden states at the read layers, concatenated, (len, dim); or with `keep_cache`
-        its prefix + rows' per-layer (keys, values), to be a later call's `past`."""
-        from transformers import DynamicCache
-
-        from ...training.generation import right_pad
+        """Run token rows after each row's cached prefix (`past`: per row None or per-layer (keys,
+        values); src/models/prefix.py). Returns per row its hidden states at the read layers,
+        concatenated, (len, dim); or with `keep_cache` its prefix + rows' per-layer (keys, values),
+        to be a later call's `past`."""
+        from src.models.prefix import forward_after_prefix
 
         adapt_threads()  # src/models/threads.py: fewer threads while other processes use the cores
-        device = next(self.backbone.parameters()).device
-        ids, mask = right_pad(rows, self.tokenizer.pad_token_id, device)
-        lens = [len(r) for r in rows]
-        past = list(past) if past is not None else [None] * len(rows)
-        past_lens = [0 if p is None else p[0][0].shape[1] for p in past]
-        width = max(past_lens)
-        cache = DynamicCache() if keep_cache else None
-        if width:
-            some = next(p for p in past if p is not None)
-            layers = []
-            for layer, (k0, _) in enumerate(some):
-                blank = k0.new_zeros(k0.shape[0], 0, k0.shape[2])
-                keys = [blank if p is None else p[layer][0] for p in past]
-                values = [blank if p is None else p[layer][1] for p in past]
-                layers.append((torch.stack([torch.nn.functional.pad(t, (0, 0, width - t.shape[1], 0)) for t in keys]),
-                               torch.stack([torch.nn.functional.pad(t, (0, 0, width - t.shape[1], 0)) for t in values])))
-            cache = DynamicCache(ddp_cache_data=layers)
-        offsets = torch.tensor(past_lens, device=device)
-        past_mask = (torch.arange(width, device=device)[None, :] >= (width - offsets)[:, None]).long()
-        out = self.backbone(input_ids=ids, attention_mask=torch.cat([past_mask, mask], dim=1),
-                            position_ids=offsets[:, None] + torch.arange(ids.shape[1], device=device)[None, :],
-                            past_key_values=cache, use_cache=keep_cache, output_hidden_states=not keep_cache)
-        if keep_cache:
-            kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-            # row i's prefix sits just left of column `width` and its own tokens just right of it
-            return [[(k[i, :, width - past_lens[i]:width + lens[i]], v[i, :, width - past_lens[i]:width + lens[i]])
-                     for k, v in kv] for i in range(len(rows))]
-        hidden = torch.cat([out.hidden_states[l] for l in self.layers], dim=-1)
-        return [hidden[i, :lens[i]] for i in range(len(rows))]
+        hidden, kv = forward_after_prefix(self.backbone, rows, self.tokenizer.pad_token_id, past, keep_cache,
+                                          hidden_layers=None if keep_cache else self.layers)
+        return kv if keep_cache else hidden
 
 
 def _shared_opening(prompts: Sequence[tuple]) -> tuple:
