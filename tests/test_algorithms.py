@@ -167,7 +167,7 @@ def test_trainer_moves_the_reward_the_right_way(tokenizer, algorithm, overrides)
     rows = hist[0]["answer_length"]  # one rollout row per answer: k per prompt
     assert rows > 0 and trainer.last_rollout.mask.shape[0] == (2 * 4 if algorithm != "reinforce" else 4)
     if algorithm == "grpo":
-        assert hist[0]["kl_divergence"] == 0.0 and 0 <= hist[0]["clipfrac"] <= 1
+        assert abs(hist[0]["kl_divergence"]) < 1e-6 and 0 <= hist[0]["clipfrac"] <= 1  # policy == reference
         assert math.isfinite(hist[1]["kl_ref_loss"])
     if algorithm == "rloo":
         assert 0 <= hist[0]["is_clipped_fraction"] <= 1

@@ -94,7 +94,7 @@ def test_grpo_with_lora_uses_the_base_as_reference(tokenizer):
     torch.manual_seed(0)
     first = trainer.train_step(PROMPTS[:2], max_length=5, num_epochs_per_batch=1)
     second = trainer.train_step(PROMPTS[:2], max_length=5, num_epochs_per_batch=1)
-    assert first["kl_divergence"] == 0.0 and second["kl_divergence"] != 0.0
+    assert abs(first["kl_divergence"]) < 1e-6 and abs(second["kl_divergence"]) > 1e-4  # zero adapters, then moved
 
 
 def test_sft_with_lora_lowers_the_loss_through_the_adapters_alone(tokenizer, tmp_path):
