@@ -110,7 +110,7 @@ def test_concatenated_batch_equals_separate_forwards(tokenizer):
     assert torch.allclose(together, alone, atol=1e-5)
 
 
-def test_shared_prompt_runs_once_with_the_numbers_and_gradients_of_whole_sequences(tokenizer):
+def test_shared_prompt_runs_once_with_the_numbers_and_gradients_of_whole_sequences(tokenizer, monkeypatch):
     """pair_rewards runs each pair's shared prompt once, both answers beside it in one packed row:
     rewards and gradients equal one forward per whole sequence; so do the cached bottom features."""
     model = _reward_model(tokenizer)
@@ -143,6 +143,13 @@ def test_shared_prompt_runs_once_with_the_numbers_and_gradients_of_whole_sequenc
     sizes = [len(c_) + len(r_) - k for (c_, r_), k in zip(encoded, cuts)]
     assert len(packed) == 1 and packed[0] % max(sizes) == 0
     assert sum(sizes) <= packed[0] < sum(map(len, seqs))
+    # a kernel that reads no 4-D mask (flash-attention 2): one padded row per sequence, same rewards
+    import src.models.prefix as prefix
+    monkeypatch.setattr(prefix, "takes_4d_masks", lambda model: False)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.cat(pair_rewards(model, encoded, tokenizer.pad_token_id)), alone.detach(),
+                                   atol=1e-5, rtol=1e-5)
+    monkeypatch.undo()
     # frozen-bottom features (cached features' path): as one forward per sequence, below layer 2
     with torch.no_grad():
         features = bottom_features(model, encoded, tokenizer.pad_token_id, 2)

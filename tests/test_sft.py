@@ -199,3 +199,30 @@ def test_answer_only_lm_head_gives_the_full_logits_loss(tiny_model, tokenizer, t
                                              ignore_index=IGNORE_INDEX, reduction="sum")
     assert n == int((batch["labels"] != IGNORE_INDEX).sum())
     torch.testing.assert_close(loss, full, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("long_rows", [False, True])  # short examples: matmul attention; long: SDPA
+def test_packed_rows_give_the_loss_and_gradients_of_padded_ones(tokenizer, long_rows):
+    """Padding-free: all examples back to back in one row, attention within each, own positions: the
+    same loss and gradients as one padded row per example."""
+    from src.safety.constitutional.training.sft import tokenize_records
+    records = RECORDS + [{"prompt": "Explain tides " * (120 if long_rows else 45), "response": "The moon pulls. " * 8}]
+    examples = tokenize_records(tokenizer, records, 512, None)
+    assert (max(map(len, examples)) > 256) == long_rows
+    model, _ = build_tiny_llama(tokenizer, seed=0)
+    trainer = SFTTrainer(model, tokenizer, SFTConfig(output_dir="unused", show_progress=False))
+    results = []
+    for pack in (False, True):
+        batch = collate(examples, tokenizer.pad_token_id, pack=pack)
+        if pack:  # no padding at all
+            assert batch["input_ids"].numel() == sum(map(len, examples))
+        model.zero_grad()
+        loss, n = trainer._token_losses(batch)
+        loss.backward()
+        results.append((batch["input_ids"].shape[0], loss.detach(), n, [p.grad.clone() for p in model.parameters()]))
+    (rows_p, loss_p, n_p, grads_p), (rows_k, loss_k, n_k, grads_k) = results
+    assert rows_p == len(examples) and rows_k == 1 and n_k == n_p
+    torch.testing.assert_close(loss_k, loss_p, rtol=1e-5, atol=1e-4)
+    for a, b in zip(grads_k, grads_p):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

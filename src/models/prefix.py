@@ -93,6 +93,17 @@ def forward_groups(backbone: nn.Module, groups: Sequence[Sequence[List[int]]], p
     several to a row (first fit, rows no longer than the longest group), so there is little padding.
     Run it inside the caller's autocast."""
     device = next(backbone.parameters()).device
+    if not takes_4d_masks(backbone):  # e.g. flash-attention 2: one right-padded row per sequence
+        seqs = [(i, seq) for i, g in enumerate(groups) for seq in g]
+        ids = torch.full((len(seqs), max(len(q) for _, q in seqs)), pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, (_, seq) in enumerate(seqs):
+            ids[row, :len(seq)], mask[row, :len(seq)] = torch.as_tensor(seq, dtype=torch.long), 1
+        hidden = backbone(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
+        out: List[List[torch.Tensor]] = [[] for _ in groups]
+        for row, (i, seq) in enumerate(seqs):
+            out[i].append(hidden[row, :len(seq)])
+        return out
     cuts = [shared_prefix_length(g) for g in groups]
     sizes = [k + sum(len(s) - k for s in g) for g, k in zip(groups, cuts)]
     width = max(sizes)
@@ -117,14 +128,21 @@ def forward_groups(backbone: nn.Module, groups: Sequence[Sequence[List[int]]], p
                 owner[r, at:end], branch[r, at:end] = i, j
                 spans[i, j] = (r, shared_at, k, at, end)
                 at = end
-    mask, ids = block_causal_mask(owner, branch).to(device), ids.to(device)
-    with attention_for(backbone, ids):  # eager attention for short rows on CPU (src/models/attention.py)
+    ids = ids.to(device)
+    with attention_for(backbone, ids) as kernel:  # eager attention for short rows on CPU (src/models/attention.py)
+        mask = attention_mask_for(block_causal_mask(owner, branch).to(device), kernel)
         hidden = backbone(input_ids=ids, attention_mask=mask,
                           position_ids=positions.to(device), use_cache=False).last_hidden_state
-    out: List[List[torch.Tensor]] = [[] for _ in groups]
+    out = [[] for _ in groups]
     for (i, j), (r, shared_at, k, start, end) in sorted(spans.items()):
         out[i].append(torch.cat([hidden[r, shared_at:shared_at + k], hidden[r, start:end]]))
     return out
+
+
+def takes_4d_masks(model: nn.Module) -> bool:
+    """Whether the model's attention kernel reads a custom 4-D mask (eager and SDPA do; flash-attention
+    2 reads padding only)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") in (None, "sdpa", "eager")
 
 
 def pack_rows(sizes: Sequence[int]) -> List[List[int]]:
@@ -144,16 +162,27 @@ def pack_rows(sizes: Sequence[int]) -> List[List[int]]:
 
 
 def block_causal_mask(owner: torch.Tensor, branch: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The additive attention mask (rows, 1, width, width) of packed rows: `owner` (rows, width) says
-    which item each column holds (-1: padding). Query q sees key t when both belong to one item and t
-    is not after q; with `branch`, also only when t is in the item's shared part (-1) or in q's own
-    branch. Passed as `attention_mask`, Hugging Face models use a 4-D mask as it is."""
+    """Which keys each query sees in packed rows, (rows, 1, width, width) bool: `owner` (rows, width)
+    says which item each column holds (-1: padding). Query q sees key t when both belong to one item
+    and t is not after q; with `branch`, also only when t is in the item's shared part (-1) or in q's
+    own branch. A padding column sees itself only, so no row of the mask is empty (an empty row gives
+    NaN in SDPA, and NaN gradients). Convert with `attention_mask_for` inside the kernel's context."""
     visible = (owner[:, :, None] == owner[:, None, :]) & (owner[:, None, :] >= 0)
     if branch is not None:
         visible &= (branch[:, None, :] == -1) | (branch[:, :, None] == branch[:, None, :])
     visible &= torch.ones(owner.shape[1], owner.shape[1], dtype=torch.bool, device=owner.device).tril()
-    return torch.zeros(visible.shape, dtype=torch.float32, device=owner.device) \
-        .masked_fill_(~visible, torch.finfo(torch.float32).min)[:, None]
+    visible |= torch.eye(owner.shape[1], dtype=torch.bool, device=owner.device) & (owner < 0)[:, :, None]
+    return visible[:, None]
+
+
+def attention_mask_for(mask: torch.Tensor, implementation: Optional[str]) -> torch.Tensor:
+    """A 4-D bool mask (True: visible) as the attention kernel takes it: Hugging Face passes a 4-D mask
+    through unchanged, SDPA reads bool, eager attention adds it to the scores (0 or the float minimum).
+    Other masks are returned as they are."""
+    if mask.dim() != 4 or mask.dtype != torch.bool or implementation == "sdpa":
+        return mask
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(
+        ~mask, torch.finfo(torch.float32).min)
 
 
 def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:

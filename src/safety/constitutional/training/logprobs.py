@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from src.models.attention import attention_for
+from src.models.attention import attention_for, can_pack, packed_attention
 from src.models.heads import backbone_of, position_ids_from_mask
 from src.models.precision import autocast
 
@@ -16,9 +16,12 @@ def rescales_logits(config) -> bool:
     return bool(getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None))
 
 
-def lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def lm_logits(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], positions: torch.Tensor,
+              position_ids: Optional[torch.Tensor] = None, cu_seq_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """fp32 logits at `positions` only: a 1-D index of columns (same for every row) -> (batch, n, vocab),
-    or a boolean (batch, seq) mask -> (selected, vocab).
+    or a boolean (batch, seq) mask -> (selected, vocab). `position_ids` default to the mask's (left
+    padding skipped). A padding-free packed row (SFT's collate) brings its own `position_ids` and the
+    sequences' cumulative lengths `cu_seq_lens`, and no mask (`attention.packed_attention`).
 
     Only those positions go through the LM head: with a 49k vocabulary the head costs more than the
     whole 135M backbone on the prompt. Under bf16 autocast the head runs in bf16 too and the
@@ -27,15 +30,25 @@ def lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, posi
     old and new log-probs in the PPO ratio come from this same path, so the ratio starts at exactly 1).
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    position_ids = position_ids_from_mask(attention_mask)
+    if position_ids is None:
+        position_ids = position_ids_from_mask(attention_mask)
     by_column = positions.dtype != torch.bool
-    with autocast(input_ids.device), attention_for(model, input_ids):
+    packed = {}
+    if cu_seq_lens is not None:
+        if not can_pack(model):
+            raise ValueError("a padding-free packed batch needs eager, SDPA or flash attention and no gradient "
+                             "checkpointing; collate it padded (pack=False)")
+        longest = int((cu_seq_lens[1:] - cu_seq_lens[:-1]).max())
+        packed = {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens, "max_length_q": longest,
+                  "max_length_k": longest}
+    kernel = packed_attention(model) if packed else attention_for(model, input_ids)
+    with autocast(input_ids.device), kernel:
         if head is None or rescales_logits(getattr(model, "config", None)):  # the model's own head
             out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                        use_cache=False, **({"logits_to_keep": positions} if by_column else {}))
+                        use_cache=False, **({"logits_to_keep": positions} if by_column else {}), **packed)
             return (out.logits if by_column else out.logits[positions]).float()
         hidden = backbone_of(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                    use_cache=False).last_hidden_state
+                                    use_cache=False, **packed).last_hidden_state
         return head(hidden[:, positions] if by_column else hidden[positions]).float()
 
 

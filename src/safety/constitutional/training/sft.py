@@ -30,6 +30,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from src.models.attention import can_pack
 from src.models.checkpointing import enable_gradient_checkpointing
 from src.models.lora import add_lora
 
@@ -67,6 +68,8 @@ class SFTConfig:
     eval_fraction: float = 0.1        # held out of train_records when no eval_records are given
     eval_batch_size: int = 16
     bucket_batches: int = 8           # length-sort within shuffled chunks of this many batches
+    packing: bool = True              # padding-free batches: examples back to back in one row, attention
+                                      # within each (off under gradient checkpointing; see collate)
     checkpoint_every: int = 0         # optimiser steps; 0 = only the final checkpoint
     keep_last: int = 2
     seed: int = 0
@@ -158,18 +161,30 @@ def tokenize_records(tokenizer, records: Sequence[dict], max_seq_len: int,
     return examples
 
 
-def collate(examples: Sequence[SFTExample], pad_token_id: int) -> Dict[str, torch.Tensor]:
-    """Right-pad to the longest example in this batch (dynamic padding). All (batch, seq)."""
-    width = max(len(e) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, e in enumerate(examples):
-        n = len(e)
-        input_ids[row, :n] = torch.tensor(e.input_ids)
-        labels[row, :n] = torch.tensor(e.labels)
-        attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+def collate(examples: Sequence[SFTExample], pad_token_id: int, pack: bool = False) -> Dict[str, torch.Tensor]:
+    """Right-pad to the longest example in this batch (dynamic padding). All (batch, seq).
+
+    `pack`: all examples in ONE row with no padding (padding-free), each example's `position_ids`
+    starting at 0 and `cu_seq_lens` (cumulative lengths) telling attention where each ends
+    (`src/models/attention.py`, `packed_attention`): the same loss with no compute spent on padding.
+    Each example's first label is ignored (it would be predicted from the previous example's last
+    token; a first token is a prompt token, so this loses nothing)."""
+    if not pack:
+        width = max(len(e) for e in examples)
+        input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for row, e in enumerate(examples):
+            n = len(e)
+            input_ids[row, :n] = torch.tensor(e.input_ids)
+            labels[row, :n] = torch.tensor(e.labels)
+            attention_mask[row, :n] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    labels = [e.labels for e in examples]
+    return {"input_ids": torch.tensor([[t for e in examples for t in e.input_ids]]),
+            "labels": torch.tensor([[t for row in labels for t in [IGNORE_INDEX] + list(row[1:])]]),
+            "position_ids": torch.cat([torch.arange(len(e)) for e in examples])[None],
+            "cu_seq_lens": torch.tensor([0] + [len(e) for e in examples]).cumsum(0).to(torch.int32)}
 
 
 def split_eval(records: Sequence[dict], fraction: float, seed: int):
@@ -212,6 +227,10 @@ class SFTTrainer:
         self.parallel: Optional[parallel.Parallel] = None  # DDP / FSDP / as is: wrapped in train()
 
     # -- losses ------------------------------------------------------------------------------------
+    def _pack(self) -> bool:
+        """Padding-free batches (collate's `pack`) where the model's attention can take them."""
+        return self.config.packing and can_pack(self.model)
+
     def _token_losses(self, batch: Dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """(sum of answer-token losses, number of answer tokens) for one padded batch."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -222,7 +241,8 @@ class SFTTrainer:
         positions = torch.cat([keep, torch.zeros_like(keep[:, :1])], 1)  # logits at t predict token t+1
 
         def loss_of(model):  # run inside the DDP/FSDP engine when there is one (parallel.py)
-            logits = lm_logits(model, batch["input_ids"], batch["attention_mask"], positions)  # (answer_tokens, vocab)
+            logits = lm_logits(model, batch["input_ids"], batch.get("attention_mask"), positions,  # (answer_tokens, vocab)
+                               position_ids=batch.get("position_ids"), cu_seq_lens=batch.get("cu_seq_lens"))
             return torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
 
         loss = self.parallel(loss_of) if self.parallel is not None else loss_of(self.model)
@@ -239,7 +259,8 @@ class SFTTrainer:
         order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))
         bs = self.config.eval_batch_size
         for start in range(0, len(order), bs):
-            batch = collate([examples[i] for i in order[start:start + bs]], self.tokenizer.pad_token_id)
+            batch = collate([examples[i] for i in order[start:start + bs]], self.tokenizer.pad_token_id,
+                            self._pack())
             loss, n = self._token_losses(batch)
             total, count = total + float(loss), count + n
         if was_training:
@@ -341,7 +362,7 @@ class SFTTrainer:
         """One optimiser step over `grad_accum_steps` micro-batches; a non-finite one is skipped
         (`"skipped": True`; the loop counts it and applies the bad-step policy)."""
         cfg = self.config
-        micro = [collate([examples[i] for i in batch], self.tokenizer.pad_token_id) for batch in group]
+        micro = [collate([examples[i] for i in batch], self.tokenizer.pad_token_id, self._pack()) for batch in group]
         # Normalise by the answer tokens of the whole step, so accumulation equals one big batch.
         n_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
         # Under torchrun each rank takes its share of every micro-batch; its loss is scaled by the
@@ -357,7 +378,8 @@ class SFTTrainer:
             rows = share or (batch[:1] if wrapped else [])
             loss = None
             if rows:
-                loss_sum, _ = self._token_losses(collate([examples[i] for i in rows], self.tokenizer.pad_token_id))
+                loss_sum, _ = self._token_losses(collate([examples[i] for i in rows], self.tokenizer.pad_token_id,
+                                                         self._pack()))
                 loss = loss_sum * scale if ddp.world_size() > 1 else loss_sum / max(n_tokens, 1)
                 if not share:
                     loss = loss * 0.0
