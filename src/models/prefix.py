@@ -13,8 +13,8 @@ template's system turn), the prompt need run only once:
   rest beside them, a block attention mask letting each rest see the shared part and itself only;
   several groups per row (`pack_rows`), so there is little padding either. Reward-model training and
   scoring use it (`training/reward_scoring.py`); gradients flow as in one forward per sequence, and
-  gradient checkpointing works (no cache). SFT packs its examples with the same mask
-  (`block_causal_mask`).
+  gradient checkpointing works (no cache). (SFT, whose examples share nothing, goes padding-free
+  instead: `attention.packed_attention`.)
 
 Both give the numbers of one forward per full sequence, up to float rounding (tested).
 """
