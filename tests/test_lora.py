@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from src.models import RewardModel, ValueModel, build_tiny_llama, load_causal_lm
+from src.models import RewardModel, build_tiny_llama, load_causal_lm
 from src.models.lora import adapters_disabled, add_lora, has_lora, merge_lora
 from src.safety.constitutional.rl.ppo_trainer import PPOConfig, PPOTrainer
 
