@@ -71,6 +71,12 @@ def _packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
+def takes_4d_masks(model: nn.Module) -> bool:
+    """Whether the model's attention kernel reads a custom 4-D mask and can be switched to
+    `_packed_attention`: Hugging Face's eager and SDPA kernels (flash-attention reads padding only)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") in (None, "sdpa", "eager")
+
+
 def _register_packed() -> None:
     from transformers import AttentionInterface
     AttentionInterface.register(PACKED, _packed_attention)
@@ -88,7 +94,7 @@ def packed_attention(model: nn.Module) -> Iterator[bool]:
     if str(current).startswith("flash_attention"):
         yield True
         return
-    if current not in ("sdpa", "eager") or uses_gradient_checkpointing(model):
+    if current is None or not takes_4d_masks(model) or uses_gradient_checkpointing(model):
         yield False
         return
     _register_packed()
@@ -104,4 +110,4 @@ def can_pack(model: nn.Module) -> bool:
         return ok
 
 
-__all__ = ["EAGER_MAX_TOKENS", "attention_for", "can_pack", "packed_attention"]
+__all__ = ["EAGER_MAX_TOKENS", "attention_for", "can_pack", "packed_attention", "takes_4d_masks"]

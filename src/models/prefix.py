@@ -20,13 +20,14 @@ Both give the numbers of one forward per full sequence, up to float rounding (te
 """
 from __future__ import annotations
 
+import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .attention import attention_for
+from .attention import attention_for, takes_4d_masks
 
 PerLayerKV = List[Tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), each (heads, length, head dim)
 
@@ -45,15 +46,12 @@ def forward_after_prefix(backbone: nn.Module, rows: Sequence[List[int]], pad_tok
     """
     from transformers import DynamicCache
 
+    from src.safety.constitutional.training.generation import right_pad  # here: generation imports src.models
+
     device = next(backbone.parameters()).device
     lens = [len(r) for r in rows]
-    width_rows = max(lens)
-    ids = torch.full((len(rows), width_rows), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width_rows), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.as_tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = right_pad(rows, pad_token_id, device)
+    width_rows = ids.shape[1]
     past = list(past) if past is not None else [None] * len(rows)
     past_lens = [0 if p is None else p[0][0].shape[1] for p in past]
     width = max(past_lens)
@@ -94,12 +92,11 @@ def forward_groups(backbone: nn.Module, groups: Sequence[Sequence[List[int]]], p
     Run it inside the caller's autocast."""
     device = next(backbone.parameters()).device
     if not takes_4d_masks(backbone):  # e.g. flash-attention 2: one right-padded row per sequence
+        from src.safety.constitutional.training.generation import right_pad
+
         seqs = [(i, seq) for i, g in enumerate(groups) for seq in g]
-        ids = torch.full((len(seqs), max(len(q) for _, q in seqs)), pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, (_, seq) in enumerate(seqs):
-            ids[row, :len(seq)], mask[row, :len(seq)] = torch.as_tensor(seq, dtype=torch.long), 1
-        hidden = backbone(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
+        ids, mask = right_pad([seq for _, seq in seqs], pad_token_id, device)
+        hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         out: List[List[torch.Tensor]] = [[] for _ in groups]
         for row, (i, seq) in enumerate(seqs):
             out[i].append(hidden[row, :len(seq)])
@@ -137,12 +134,6 @@ def forward_groups(backbone: nn.Module, groups: Sequence[Sequence[List[int]]], p
     for (i, j), (r, shared_at, k, start, end) in sorted(spans.items()):
         out[i].append(torch.cat([hidden[r, shared_at:shared_at + k], hidden[r, start:end]]))
     return out
-
-
-def takes_4d_masks(model: nn.Module) -> bool:
-    """Whether the model's attention kernel reads a custom 4-D mask (eager and SDPA do; flash-attention
-    2 reads padding only)."""
-    return getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") in (None, "sdpa", "eager")
 
 
 def pack_rows(sizes: Sequence[int]) -> List[List[int]]:
@@ -188,8 +179,4 @@ def attention_mask_for(mask: torch.Tensor, implementation: Optional[str]) -> tor
 def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
     """How many leading tokens all `sequences` share, leaving each at least its last token (where a
     reward or a value is read)."""
-    shortest = min(len(s) for s in sequences)
-    n = 0
-    while n < shortest - 1 and all(s[n] == sequences[0][n] for s in sequences):
-        n += 1
-    return n
+    return min(len(os.path.commonprefix([list(s) for s in sequences])), min(len(s) for s in sequences) - 1)
